@@ -1,0 +1,1 @@
+"""Analysis of study runs: collect from MLflow, tables, plots."""

@@ -1,0 +1,361 @@
+"""Tables of a study: summary over seeds, per-class, published comparison, paper claims.
+
+All metric values in the tables are percentages (MLflow holds fractions; see ``analysis.collect``).
+
+- ``summary_table``: per loss x dataset x backbone, for mIoU/mAcc/mPrec the mean, the std
+  (ddof = 1), the 95 % CI half-width ``t_{0.975, n-1} * std / sqrt(n)`` (NaN for n = 1), the number
+  of seeds n, and the relative change of the mean against ``ce`` on the same dataset and backbone,
+  ``100 * (mean - mean_ce) / mean_ce``.
+- ``per_class_table``: rows = losses, columns = classes, mean over seeds.
+- ``published_comparison``: the paper's Figure 1 numbers beside the reproduction.
+- ``claims_table``: the paper's claims tested with paired (by seed) one-sided t-tests.
+- ``write_tables``: Markdown, LaTeX (booktabs) and CSV with fixed float formatting.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+import yaml
+from scipy import stats
+
+METRICS: tuple[str, ...] = ("miou", "macc", "mprec")
+LABELS: dict[str, str] = {"miou": "mIoU", "macc": "mAcc", "mprec": "mPrec"}
+LOSS_ORDER: tuple[str, ...] = (
+    "ce", "weighted_ce", "class_balanced", "focal", "ohem", "lovasz", "soft_iou", "recall",
+)
+BASELINE = "ce"
+WEIGHTED_LOSSES: tuple[str, ...] = ("weighted_ce", "class_balanced")
+RECALL_LOSS = "recall"
+PAPER_SETTING: dict[str, str] = {"dataset": "synthia", "backbone": "paper_resnet18"}
+ALPHA = 0.05            # one-sided significance level of every claim test
+MIOU_MARGIN = 2.0       # claim 2: largest tolerated mIoU drop against CE, in points
+REFERENCE_PATH = Path(__file__).parent / "reference" / "recall_loss_paper.yaml"
+
+
+def load_reference(path: str | Path = REFERENCE_PATH) -> dict:
+    """The published numbers (``analysis/reference/recall_loss_paper.yaml``)."""
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def loss_sort_key(loss: str) -> tuple[int, str]:
+    """Paper order for known losses, then the others alphabetically."""
+    return (LOSS_ORDER.index(loss), "") if loss in LOSS_ORDER else (len(LOSS_ORDER), str(loss))
+
+
+def _sort_losses(df: pd.DataFrame, *first: str) -> pd.DataFrame:
+    key = df["loss"].map(loss_sort_key)
+    df = df.assign(_k=key).sort_values([*first, "_k"], kind="mergesort")
+    return df.drop(columns="_k").reset_index(drop=True)
+
+
+def ci95_halfwidth(std: float, n: int) -> float:
+    """Student-t 95 % CI half-width of a mean: t.ppf(0.975, n-1) * std / sqrt(n); NaN for n < 2."""
+    if n < 2 or not np.isfinite(std):
+        return float("nan")
+    return float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
+
+
+def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per loss x dataset x backbone: n seeds and, per metric, mean/std/ci95/rel_ce in %."""
+    cols = ["loss", "dataset", "backbone", "n"]
+    for m in METRICS:
+        cols += [m, f"{m}_std", f"{m}_ci95", f"{m}_rel_ce"]
+    if runs.empty:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for (loss, dataset, backbone), g in runs.groupby(["loss", "dataset", "backbone"], sort=True):
+        row: dict = {"loss": loss, "dataset": dataset, "backbone": backbone,
+                     "n": int(g["seed"].nunique())}
+        for m in METRICS:
+            v = 100.0 * g[m].astype(float).dropna().to_numpy()
+            n = len(v)
+            mean = float(v.mean()) if n else float("nan")
+            std = float(v.std(ddof=1)) if n > 1 else float("nan")
+            row.update({m: mean, f"{m}_std": std, f"{m}_ci95": ci95_halfwidth(std, n)})
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    for m in METRICS:
+        base = out[out["loss"] == BASELINE].set_index(["dataset", "backbone"])[m]
+        ref = pd.Series([base.get((d, b), np.nan) for d, b in zip(out["dataset"], out["backbone"])],
+                        index=out.index, dtype=float)
+        out[f"{m}_rel_ce"] = 100.0 * (out[m] - ref) / ref
+    return _sort_losses(out[cols], "dataset", "backbone")
+
+
+def per_class_table(classes: pd.DataFrame, metric: str,
+                    class_frequency: Mapping[str, float] | None = None,
+                    dataset: str | None = None, backbone: str | None = None) -> pd.DataFrame:
+    """Rows = losses (column ``loss``), columns = classes: mean over seeds of ``metric`` in %.
+
+    Classes are ordered by decreasing ``class_frequency`` (training pixel share) when given (classes
+    it lacks go last), else in the order the trainer logged them. The table covers one dataset and
+    backbone: pass ``dataset``/``backbone`` when ``classes`` holds several.
+    """
+    if metric not in ("iou", "recall", "precision"):
+        raise ValueError(f"metric: {metric!r} is not one of ['iou', 'recall', 'precision']")
+    df = classes
+    if dataset is not None:
+        df = df[df["dataset"] == dataset]
+    if backbone is not None:
+        df = df[df["backbone"] == backbone]
+    settings = sorted(set(zip(df["dataset"], df["backbone"])))
+    if len(settings) > 1:
+        raise ValueError(f"per_class_table: classes hold several dataset/backbone settings "
+                         f"{settings}; pass dataset= and backbone=")
+    names = list(dict.fromkeys(df["class"]))
+    if class_frequency is not None:
+        names.sort(key=lambda c: -float(class_frequency.get(c, -np.inf)))  # stable for ties
+    if df.empty:
+        return pd.DataFrame(columns=["loss", *names])
+    table = (100.0 * df.groupby(["loss", "class"], sort=False)[metric].mean()).unstack("class")
+    table = table.reindex(columns=names).reset_index()
+    table.columns.name = None
+    return _sort_losses(table)
+
+
+def _setting_rows(summary: pd.DataFrame, dataset: str, backbone: str) -> pd.DataFrame:
+    return summary[(summary["dataset"] == dataset) & (summary["backbone"] == backbone)]
+
+
+def published_comparison(summary: pd.DataFrame, reference: Mapping | None = None) -> pd.DataFrame:
+    """Figure 1 (mIoU, mAcc) beside the reproduction; ``diff = reproduction - published`` in points.
+
+    Only rows of the paper's setting (dataset ``synthia``, backbone ``paper_resnet18``) are
+    compared. Otherwise the table is empty. ``.attrs["note"]`` always says what was compared.
+    """
+    reference = load_reference() if reference is None else reference
+    cols = ["loss", "miou_published", "miou_repro", "miou_diff",
+            "macc_published", "macc_repro", "macc_diff", "n"]
+    ds, bb = PAPER_SETTING["dataset"], PAPER_SETTING["backbone"]
+    ours = _setting_rows(summary, ds, bb)
+    if ours.empty:
+        present = sorted(set(zip(summary["dataset"], summary["backbone"])))
+        shown = ", ".join(f"{d}/{b}" for d, b in present) or "no runs"
+        out = pd.DataFrame(columns=cols)
+        out.attrs["note"] = (
+            f"Nothing compared: the paper's Figure 1 is {reference.get('dataset')} with "
+            f"{reference.get('backbone')} (here dataset `{ds}`, backbone `{bb}`); "
+            f"this grid has {shown}.")
+        return out
+    published = {r["loss"]: r for r in reference["figure1"]}
+    ours = ours.set_index("loss")
+    losses = sorted(set(published) | set(ours.index), key=loss_sort_key)
+    rows = []
+    for loss in losses:
+        row: dict = {"loss": loss}
+        for m in ("miou", "macc"):
+            pub = float(published[loss][m]) if loss in published else float("nan")
+            rep = float(ours.at[loss, m]) if loss in ours.index else float("nan")
+            row.update({f"{m}_published": pub, f"{m}_repro": rep, f"{m}_diff": rep - pub})
+        row["n"] = int(ours.at[loss, "n"]) if loss in ours.index else 0
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=cols)
+    out.attrs["note"] = (f"Published values: {reference.get('source')}, read to about "
+                         f"+/-0.15 points; diff = reproduction - published, in points.")
+    return out
+
+
+def _paired(runs: pd.DataFrame, loss: str, base: str, metric: str) -> pd.DataFrame:
+    a = runs[runs["loss"] == loss].groupby("seed")[metric].mean()
+    b = runs[runs["loss"] == base].groupby("seed")[metric].mean()
+    pairs = pd.concat({"loss": a, "base": b}, axis=1, join="inner").dropna()
+    return 100.0 * pairs.sort_index()
+
+
+def paired_one_sided_p(diff: np.ndarray, alternative: str, shift: float = 0.0) -> float:
+    """One-sided one-sample t-test of mean(diff + shift) vs 0 (= paired t-test of the pairs).
+
+    ``alternative`` is "greater" or "less". When all differences are equal (zero variance) the test
+    is degenerate: p = 0 if they all lie on the alternative's side, 1 otherwise.
+    """
+    d = np.asarray(diff, dtype=float) + shift
+    if np.ptp(d) == 0.0:
+        on_side = d[0] > 0 if alternative == "greater" else d[0] < 0
+        return 0.0 if on_side else 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_1samp(d, 0.0, alternative=alternative).pvalue)
+
+
+CLAIMS: tuple[dict, ...] = (
+    {"id": 1, "claim": "recall loss raises mAcc over CE (~9 % relative)", "loss": RECALL_LOSS,
+     "metric": "macc", "alternative": "greater", "shift": 0.0,
+     "test": "paired t-test over seeds, one-sided, H1: mean(recall - ce) > 0",
+     "rule": f"held if the mean paired difference > 0 and p < {ALPHA}"},
+    {"id": 2, "claim": "recall loss mIoU stays competitive with CE", "loss": RECALL_LOSS,
+     "metric": "miou", "alternative": "greater", "shift": MIOU_MARGIN,
+     "test": (f"paired non-inferiority t-test over seeds, one-sided, "
+              f"H1: mean(recall - ce) > -{MIOU_MARGIN:g} points"),
+     "rule": (f"held if p < {ALPHA}, i.e. the mIoU drop is significantly smaller than "
+              f"{MIOU_MARGIN:g} points")},
+    *({"id": 3, "claim": f"{w} pays in precision: mPrec below CE", "loss": w, "metric": "mprec",
+       "alternative": "less", "shift": 0.0,
+       "test": f"paired t-test over seeds, one-sided, H1: mean({w} - ce) < 0",
+       "rule": f"held if the mean paired difference < 0 and p < {ALPHA}"}
+      for w in WEIGHTED_LOSSES),
+)
+
+
+def _published_text(claim: dict, reference: Mapping) -> str:
+    fig = {r["loss"]: r for r in reference.get("figure1", [])}
+    if claim["id"] == 1 and {"ce", "recall"} <= set(fig):
+        ce, rc = fig["ce"]["macc"], fig["recall"]["macc"]
+        return f"{100 * (rc - ce) / ce:+.1f} % ({ce:g} -> {rc:g}, Fig. 1; text: +9 %)"
+    if claim["id"] == 2 and {"ce", "recall"} <= set(fig):
+        ce, rc = fig["ce"]["miou"], fig["recall"]["miou"]
+        return f"{rc - ce:+.1f} points ({ce:g} -> {rc:g}, Fig. 1)"
+    return "lower precision (stated in the text; no number in Fig. 1)"
+
+
+def claims_table(runs: pd.DataFrame, reference: Mapping | None = None) -> pd.DataFrame:
+    """One row per claim x dataset/backbone setting (x weighted loss for claim 3).
+
+    Pairs are runs of the same seed, dataset and backbone. ``diff`` = mean over pairs of
+    (loss - ce) in points, ``rel_change`` = 100 * diff / mean(ce over the pairs) in %.
+    Verdicts: "held" / "not held" by the claim's ``rule``; "not testable" when the loss or CE has
+    no finished run in the setting or fewer than 2 seeds are paired (``note`` says which).
+    """
+    reference = load_reference() if reference is None else reference
+    settings = sorted(set(zip(runs["dataset"], runs["backbone"]))) if not runs.empty else []
+    rows = []
+    for claim in CLAIMS:
+        for dataset, backbone in settings or [("-", "-")]:
+            sub = runs[(runs["dataset"] == dataset) & (runs["backbone"] == backbone)] \
+                if settings else runs
+            row = {"claim_id": claim["id"], "claim": claim["claim"],
+                   "setting": f"{dataset}/{backbone}", "comparison": f"{claim['loss']} vs ce",
+                   "metric": LABELS[claim["metric"]], "verdict": "not testable",
+                   "loss_mean": np.nan, "ce_mean": np.nan, "diff": np.nan,
+                   "rel_change": np.nan, "published": _published_text(claim, reference),
+                   "test": claim["test"], "p_value": np.nan, "n_pairs": 0, "note": ""}
+            missing = [x for x in (claim["loss"], BASELINE) if x not in set(sub["loss"])]
+            if missing:
+                row["note"] = (f"no finished {' or '.join(missing)} runs on {dataset}/{backbone}"
+                               if settings else "no finished runs")
+                rows.append(row)
+                continue
+            pairs = _paired(sub, claim["loss"], BASELINE, claim["metric"])
+            n = len(pairs)
+            row["n_pairs"] = n
+            if n:
+                d = (pairs["loss"] - pairs["base"]).to_numpy()
+                row.update(loss_mean=float(pairs["loss"].mean()), ce_mean=float(pairs["base"].mean()),
+                           diff=float(d.mean()))
+                row["rel_change"] = 100.0 * row["diff"] / row["ce_mean"]
+            if n < 2:
+                row["note"] = f"only {n} seed(s) paired by seed; a paired test needs >= 2"
+                rows.append(row)
+                continue
+            p = paired_one_sided_p(d, claim["alternative"], claim["shift"])
+            side_ok = (d.mean() + claim["shift"] > 0) if claim["alternative"] == "greater" \
+                else (d.mean() < 0)
+            row["p_value"] = p
+            row["verdict"] = "held" if (side_ok and p < ALPHA) else "not held"
+            row["note"] = claim["rule"]
+            rows.append(row)
+    out = pd.DataFrame(rows)
+    out["n_pairs"] = out["n_pairs"].astype(int)
+    # rows are built in CLAIMS order; sort settings inside each claim, stably
+    out["_order"] = [i for i, c in enumerate(CLAIMS) for _ in (settings or [None])]
+    return out.sort_values(["_order", "setting"], kind="mergesort") \
+              .drop(columns="_order").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------- output
+
+PLAIN_LABELS: dict[str, str] = {
+    "loss_mean": "loss mean", "ce_mean": "CE mean", "diff": "diff (points)",
+    "rel_change": "rel. change (%)", "p_value": "p", "n_pairs": "n pairs", "claim_id": "#",
+}
+
+
+def _column_label(col: str) -> str:
+    if col in PLAIN_LABELS:
+        return PLAIN_LABELS[col]
+    for m, lab in LABELS.items():
+        if col == m:
+            return lab
+        if col.startswith(m + "_"):
+            rest = col[len(m) + 1:]
+            return {"std": f"{lab} sd", "ci95": f"{lab} 95% CI", "rel_ce": f"{lab} vs CE (%)",
+                    "published": f"{lab} published", "repro": f"{lab} ours",
+                    "diff": f"{lab} diff"}.get(rest, col)
+    return col
+
+
+def _is_int_col(s: pd.Series) -> bool:
+    return pd.api.types.is_integer_dtype(s.dtype)
+
+
+def _fmt(value, col: str, series: pd.Series, nan: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return nan
+    if _is_int_col(series):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        if col == "p_value":
+            return "<0.001" if value < 0.001 else f"{value:.3f}"
+        return f"{value:.2f}"
+    return str(value)
+
+
+def to_markdown(df: pd.DataFrame) -> str:
+    """A pipe table; numbers right-aligned, 2 decimals (p-values 3), NaN as ``-``."""
+    labels = [_column_label(str(c)) for c in df.columns]
+    align = ["---:" if pd.api.types.is_numeric_dtype(df[c].dtype) else ":---" for c in df.columns]
+    lines = ["| " + " | ".join(labels) + " |", "| " + " | ".join(align) + " |"]
+    for _, r in df.iterrows():
+        cells = [_fmt(r[c], str(c), df[c], "-").replace("|", "\\|") for c in df.columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    note = df.attrs.get("note")
+    return text + (f"\n*Note:* {note}\n" if note else "")
+
+
+_TEX_ESCAPE = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+               "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+               "^": r"\textasciicircum{}", "<": r"\textless{}", ">": r"\textgreater{}"}
+
+
+def _tex(text: str) -> str:
+    return "".join(_TEX_ESCAPE.get(ch, ch) for ch in text)
+
+
+def to_latex(df: pd.DataFrame) -> str:
+    """A booktabs tabular (\\toprule, \\midrule, \\bottomrule); the note as a comment line."""
+    spec = "".join("r" if pd.api.types.is_numeric_dtype(df[c].dtype) else "l" for c in df.columns)
+    lines = []
+    if df.attrs.get("note"):
+        lines.append("% " + df.attrs["note"].replace("\n", " "))
+    lines += [f"\\begin{{tabular}}{{{spec or 'l'}}}", r"\toprule",
+              " & ".join(_tex(_column_label(str(c))) for c in df.columns) + r" \\", r"\midrule"]
+    for _, r in df.iterrows():
+        lines.append(" & ".join(_tex(_fmt(r[c], str(c), df[c], "--")) for c in df.columns)
+                     + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: str | Path) -> dict[str, dict[str, Path]]:
+    """Write ``{name}.md``, ``{name}.tex`` and ``{name}.csv`` per table; returns the paths.
+
+    CSV keeps the raw column names and ``%.6g`` floats; re-running on the same input gives the same
+    bytes.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, dict[str, Path]] = {}
+    for name, df in tables.items():
+        paths = {"md": out / f"{name}.md", "tex": out / f"{name}.tex", "csv": out / f"{name}.csv"}
+        paths["md"].write_text(to_markdown(df), encoding="utf-8")
+        paths["tex"].write_text(to_latex(df), encoding="utf-8")
+        df.to_csv(paths["csv"], index=False, float_format="%.6g", lineterminator="\n")
+        written[name] = paths
+    return written
+
