@@ -194,7 +194,7 @@ def plot_confusions(matrices: Mapping[str, np.ndarray], class_names: Sequence[st
     nrows = math.ceil(n / ncols)
     c = len(class_names)
     side = max(3.5, 0.32 * c + 1.5)
-    annot = c <= 16
+    annot = c <= 10  # numbers become unreadable beyond ~10 classes
     with _style():
         fig = _figure(side * ncols + 1.2, side * nrows + 0.4, layout="constrained")
         axes = []

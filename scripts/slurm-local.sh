@@ -15,6 +15,10 @@
 #   SLURM_LOCAL_START_TIMEOUT    seconds to wait for the node to be idle (default 60)
 # Recipe and reasons: ../shared/DESIGN.md section 3. Accounting is off: `sacct` fails, submitit
 # warns and reports state UNKNOWN, results are still collected from its pickles.
+# Timeout signals (submitit's --signal=USR2@DELAY) come from slurmctld's time-limit pass, run every
+# 30 s: USR2 arrives DELAY..DELAY+30 s before the limit, so DELAY + 30 s must fit inside the job.
+# A requeued job may start again cred_expire + 1 s later, at the next scheduler pass (every 5 s).
+# Reusing a STATE_DIR restores its jobs; after an unclean stop they may show as ghost RUNNING jobs.
 set -euo pipefail
 
 PROG=$(basename "$0")
@@ -169,7 +173,8 @@ cmd_start() {
   local timeout=${SLURM_LOCAL_START_TIMEOUT:-60} state=""
   while :; do
     state=$(sinfo -h -n localhost -o %T 2>/dev/null || true)
-    [ "$state" = "idle" ] && break
+    # idle; or mixed/allocated when a reused STATE_DIR brought back jobs
+    case "$state" in idle | mixed | allocated | completing) break ;; esac
     for d in munged slurmctld slurmd; do
       pid_alive "$STATE_DIR/run/$d.daemon.pid" || { show_logs; cmd_stop >/dev/null 2>&1 || true; die "$d exited during start-up (logs above; state in $STATE_DIR)"; }
     done
@@ -179,7 +184,7 @@ cmd_start() {
     fi
     sleep 0.3
   done
-  log "cluster up in $((SECONDS - t0))s: ctld port $CTLD_PORT, slurmd port $SLURMD_PORT_, state $STATE_DIR"
+  log "cluster up in $((SECONDS - t0))s (node $state): ctld port $CTLD_PORT, slurmd port $SLURMD_PORT_, state $STATE_DIR"
   echo "export SLURM_CONF=$SLURM_CONF"
   echo "export SLURM_LOCAL_STATE_DIR=$STATE_DIR"
 }
@@ -202,15 +207,18 @@ cmd_stop() {
       done
     fi
   fi
-  local d pid
+  # TERM all three at once (each takes ~2 s to exit), KILL what is left after 10 s
+  local d pid pids=()
   for d in slurmd slurmctld munged; do
     if pid_alive "$STATE_DIR/run/$d.daemon.pid"; then
       pid=$(cat "$STATE_DIR/run/$d.daemon.pid")
       kill -TERM "$pid" 2>/dev/null || true
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
-      log "stopped $d (pid $pid)"
+      pids+=("$pid"); log "stopping $d (pid $pid)"
     fi
+  done
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null && log "killed pid $pid" || true; fi
   done
   # leftover slurmstepd of this cluster (normally none: jobs were cancelled above, but slurmctld may
   # be dead): they keep slurmd's log open; kill them with their job processes

@@ -51,12 +51,13 @@ class DataSpec:
     root: str = "data/texdigits"
     splits: dict = field(default_factory=lambda: {"train": "train", "val": "val", "test": "test"})
     split_mode: str = "paper"
+    split_seed: int = 0
     size: list[int] | None = None
     void: str = "train"
     class_counts: str = "train"
     mean: list[float] | None = None
     std: list[float] | None = None
-    bgr: bool = False
+    bgr: bool | None = None
     hflip: bool = False
     scale: list[float] | None = None
     crop: list[int] | None = None
@@ -190,6 +191,11 @@ def _coerce(value: Any, tp: Any, path: str, where: str) -> Any:
             raise SpecError(f"{where}: key '{path}': expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecError(f"{where}: key '{path}': expected a number, got {value!r}")
         return float(value)

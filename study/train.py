@@ -224,11 +224,10 @@ def train(
     if spec.train.threads:
         torch.set_num_threads(spec.train.threads)
     device = pick_device(spec.train.device)
-    seed_everything(spec.seed)
-
-    bundle = build_datasets(spec.data, spec.seed)
+    bundle = build_datasets(spec.data, spec.data.split_seed)
     class_names = list(bundle.class_names)
     C = bundle.num_classes
+    seed_everything(spec.seed)  # after the data: a cached and a fresh data set must give the same model
     model = build_model(spec.model.arch, spec.model.backbone, C, spec.model.output_stride, spec.model.pretrained)
     model.to(device)
     params = dict(spec.loss.params)
@@ -286,10 +285,11 @@ def train(
         batch_sampler=IterationBatchSampler(len(bundle.train), spec.train.batch_size, spec.seed, start, end),
         num_workers=spec.train.workers,
         pin_memory=device.type == "cuda",
-        persistent_workers=False,
+        generator=torch.Generator().manual_seed(spec.seed),  # never draw from the global RNG (resume)
     )
     eval_bs = spec.train.eval_batch_size or spec.train.batch_size
-    val_loader = DataLoader(bundle.val, batch_size=eval_bs, shuffle=False, num_workers=spec.train.workers)
+    val_loader = DataLoader(bundle.val, batch_size=eval_bs, shuffle=False, num_workers=spec.train.workers,
+                            generator=torch.Generator().manual_seed(spec.seed))
     ckpt_every = spec.train.checkpoint_interval or spec.train.eval_interval
     log_every = spec.train.log_interval
     track_weights = spec.loss.name in RECALL_FAMILY
@@ -414,7 +414,8 @@ def _final_evaluation(spec, model, bundle, folder, device, logger, class_names, 
     best = ckpt.load(folder / "best.pt", map_location=device)
     model.load_state_dict(best["model"])
     eval_bs = spec.train.eval_batch_size or spec.train.batch_size
-    test_loader = DataLoader(bundle.test, batch_size=eval_bs, shuffle=False, num_workers=spec.train.workers)
+    test_loader = DataLoader(bundle.test, batch_size=eval_bs, shuffle=False, num_workers=spec.train.workers,
+                             generator=torch.Generator().manual_seed(spec.seed))
     cm = evaluate(model, test_loader, bundle.num_classes, bundle.ignore_index, device, spec.train.amp)
     result = cm.compute()
     metrics = eval_metrics("test", result, class_names)

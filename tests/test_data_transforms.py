@@ -115,7 +115,7 @@ def test_hflip_probability_and_resize_nearest():
     g = torch.Generator().manual_seed(0)
     n = sum(not np.array_equal(random_hflip(image, label, g)[1], label) for _ in range(400))
     assert 150 < n < 250
-    img2, lab2 = resize(image, label, (H * 2, W * 2))
+    _, lab2 = resize(image, label, (H * 2, W * 2))
     np.testing.assert_array_equal(lab2[::2, ::2], label)
     assert set(np.unique(resize(None, label, (17, 23))[1])) <= set(np.unique(label))
 

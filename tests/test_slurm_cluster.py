@@ -107,8 +107,7 @@ def make_executor(folder: Path, cluster: Any, fn: Any, **params: Any) -> submiti
     return executor
 
 
-def test_cluster_is_up(slurm_cluster: Any, record_property: Any) -> None:
-    record_property("slurm_cluster_start_s", round(slurm_cluster.start_s, 2))
+def test_cluster_is_up(slurm_cluster: Any) -> None:
     print(f"slurm cluster start: {slurm_cluster.start_s:.2f} s")
     out = subprocess.run(
         ["sinfo", "-h", "-o", "%P %T %N"], capture_output=True, text=True, check=True
@@ -119,7 +118,7 @@ def test_cluster_is_up(slurm_cluster: Any, record_property: Any) -> None:
     assert any(line.split() == ["MaxArraySize", "=", "1001"] for line in config.splitlines())
 
 
-def test_map_array_runs_as_one_slurm_array(slurm_cluster: Any, tmp_path: Path, record_property: Any) -> None:
+def test_map_array_runs_as_one_slurm_array(slurm_cluster: Any, tmp_path: Path) -> None:
     t0 = time.perf_counter()
     executor = make_executor(tmp_path / "array", slurm_cluster, square_in_slurm, timeout_min=2)
     assert executor.cluster == "slurm"
@@ -132,7 +131,6 @@ def test_map_array_runs_as_one_slurm_array(slurm_cluster: Any, tmp_path: Path, r
     wait_all(jobs, slurm_cluster, timeout_s=90)
     results = [job.result() for job in jobs]
     elapsed = time.perf_counter() - t0
-    record_property("slurm_array_s", round(elapsed, 2))
     print(f"slurm array of 3: {elapsed:.2f} s")
     (array_id,) = array_ids
     assert results == [
@@ -148,7 +146,7 @@ def test_map_array_runs_as_one_slurm_array(slurm_cluster: Any, tmp_path: Path, r
 
 
 @pytest.mark.slow
-def test_timeout_requeues_and_resumes(slurm_cluster: Any, tmp_path: Path, record_property: Any) -> None:
+def test_timeout_requeues_and_resumes(slurm_cluster: Any, tmp_path: Path) -> None:
     t0 = time.perf_counter()
     progress = tmp_path / "progress.jsonl"
     steps = 80
@@ -162,7 +160,6 @@ def test_timeout_requeues_and_resumes(slurm_cluster: Any, tmp_path: Path, record
     wait_all([job], slurm_cluster, timeout_s=150)
     result = job.result()
     elapsed = time.perf_counter() - t0
-    record_property("slurm_requeue_s", round(elapsed, 2))
     print(f"slurm timeout + requeue + resume: {elapsed:.2f} s")
 
     starts = read_progress(progress, "start_from")

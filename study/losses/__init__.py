@@ -12,13 +12,17 @@ import inspect
 
 from torch import nn
 
+from .abl import ActiveBoundaryLoss
+from .auto_seg import AutoSegLoss
 from .ce import ClassBalancedCrossEntropy, CrossEntropy, WeightedCrossEntropy
 from .dice import DiceLoss
 from .focal import FocalLoss
 from .lovasz import LovaszSoftmaxLoss
 from .ohem import OhemCrossEntropy
 from .recall import RecallFocalLoss, RecallLoss
+from .semeda import SemedaLoss
 from .soft_iou import SoftIoULoss
+from .ssl import StructuralSimilarityLoss
 
 LOSSES: dict[str, type[nn.Module]] = {
     "ce": CrossEntropy,
@@ -31,6 +35,10 @@ LOSSES: dict[str, type[nn.Module]] = {
     "ohem": OhemCrossEntropy,
     "recall": RecallLoss,
     "recall_focal": RecallFocalLoss,
+    "abl": ActiveBoundaryLoss,
+    "ssl": StructuralSimilarityLoss,
+    "auto_seg": AutoSegLoss,
+    "semeda": SemedaLoss,
 }
 
 LOSS_TABLE: dict[str, tuple[str, str]] = {
@@ -47,6 +55,16 @@ LOSS_TABLE: dict[str, tuple[str, str]] = {
              "probability `thresh` (0.7) with `min_kept`; `official_compat` = released top-k along width"),
     "recall": ("recall loss", "weights FN_c/GT_c of the batch, no gradient; `ema`, `official_compat`"),
     "recall_focal": ("focal-modulated recall loss", "`gamma` (default 1); `ema`, `official_compat`"),
+    "abl": ("CE + active boundary loss (Wang et al., AAAI 2022)",
+            "`weight` (default 1), `max_boundary_fraction` 0.01, `label_smoothing` 0.2, `max_distance` 20; "
+            "distance transform on the host (scipy)"),
+    "ssl": ("structural similarity loss (Zhao et al., 2019)",
+            "gamma*CE + (1-gamma)*sum f e CE / sum f; `gamma` 0.5, `beta` 0.1, `sigma_window` 1.5; e detached"),
+    "auto_seg": ("Auto Seg-Loss metric surrogate (Li et al., ICLR 2021)",
+                 "`metric` miou|macc, `params` miou_searched|macc_searched|identity|explicit Bezier numbers"),
+    "semeda": ("CE + SEMEDA edge-feature matching (Chen et al., 2020)",
+               "`weight` 1, `distance` l1|l2; frozen edge net from `edge_net_path` or trained on synthetic "
+               "blobs and cached (`cache_dir`, env STUDY_CACHE)"),
 }
 
 NEEDS_CLASS_COUNTS: frozenset[str] = frozenset({"weighted_ce", "class_balanced"})
