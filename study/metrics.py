@@ -23,6 +23,9 @@ import torch
 
 __all__ = ["ConfusionMatrix"]
 
+_CPU_CHUNK = 1 << 18  # pixels per counting pass on CPU (a 1 MiB int32 index buffer)
+_CPU_MAX_TARGET = 4095  # larger target ids take the masked path (bincount length is (max t + 1) * C)
+
 
 class ConfusionMatrix:
     """Running confusion matrix over integer label maps.
@@ -71,12 +74,49 @@ class ConfusionMatrix:
         if pred.is_floating_point() or target.is_floating_point():
             raise TypeError(f"pred and target must hold integer class ids, got {pred.dtype} and {target.dtype}")
         c = self.num_classes
-        p = pred.reshape(-1).long()
-        t = target.reshape(-1).long()
+        p = pred.reshape(-1)
+        t = target.reshape(-1)
+        if (p.device.type == "cpu" and not 0 <= self.ignore_index < c
+                and p.dtype != torch.bool and t.dtype != torch.bool):
+            return self._counts_cpu(p, t)
+        return self._counts_masked(p, t)
+
+    def _counts_masked(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Any device, no host synchronisation: invalid pixels go to an overflow bin ``c*c``."""
+        c = self.num_classes
+        p, t = p.long(), t.long()
         valid = (t >= 0) & (t < c) & (t != self.ignore_index) & (p >= 0) & (p < c)
         # invalid pixels go to the overflow bin c*c, dropped below: no boolean-mask gather needed
         idx = torch.where(valid, t * c + p, c * c)
         return torch.bincount(idx, minlength=c * c + 1)[: c * c].reshape(c, c)
+
+    def _counts_cpu(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """CPU path (``ignore_index`` outside ``[0, C)``), in chunks of ``_CPU_CHUNK`` pixels.
+
+        When a chunk's predictions lie in ``[0, C)`` and its targets in ``[0, _CPU_MAX_TARGET]``, the
+        index ``t*C + p`` is written (one pass) into a reused int32 buffer that stays in cache and
+        counted by ``bincount``; targets ``>= C`` (the ignore index among them) land in bins
+        ``>= C*C``, which are dropped. Other chunks take :meth:`_counts_masked`. Same counts as
+        the masked path, ~3x fewer bytes moved and no page faults on fresh full-size temporaries.
+        """
+        c = self.num_classes
+        n = p.numel()
+        out = torch.zeros(c * c, dtype=torch.int64)
+        buf = torch.empty(min(n, _CPU_CHUNK), dtype=torch.int32)
+        for start in range(0, n, _CPU_CHUNK):
+            pc, tc = p[start:start + _CPU_CHUNK], t[start:start + _CPU_CHUNK]
+            p_lo, p_hi = (int(v) for v in torch.aminmax(pc))
+            t_lo, t_hi = (int(v) for v in torch.aminmax(tc))
+            if p_lo < 0 or p_hi >= c or t_lo < 0 or t_hi > _CPU_MAX_TARGET:
+                out += self._counts_masked(pc, tc).reshape(-1)
+                continue
+            if pc.dtype not in (torch.int32, torch.int64):
+                pc = pc.to(torch.int32)  # narrow types would overflow in t*C + p
+            if tc.dtype not in (torch.int32, torch.int64):
+                tc = tc.to(torch.int32)
+            idx = torch.add(pc, tc, alpha=c, out=buf[: pc.numel()])
+            out += torch.bincount(idx, minlength=c * c)[: c * c]
+        return out.reshape(c, c)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add the counts of ``pred`` vs ``target`` (same shape, integer class ids)."""

@@ -73,7 +73,7 @@ def test_unknown_grid_key_and_bad_resources(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["demo.yaml", "paper_synthia.yaml", "paper_cityscapes.yaml",
-                                  "recall_ablation.yaml"])
+                                  "recall_ablation.yaml", "related_losses.yaml"])
 def test_shipped_grids_expand(name):
     from pathlib import Path
 

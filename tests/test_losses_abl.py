@@ -71,7 +71,8 @@ def test_hand_computed_1x4():
     s = 0.2
     lsce = -(1 - s) * (k - log_z) - s / 8 * (3 * k - 8 * log_z)
     ce = float(torch.nn.functional.cross_entropy(x.detach(), t))
-    assert float(loss.detach()) == pytest.approx(ce + (1 / 20) * lsce / 4, rel=1e-12)  # all 4 pixels on the dilated boundary
+    # all 4 pixels are on the dilated predicted boundary
+    assert float(loss.detach()) == pytest.approx(ce + (1 / 20) * lsce / 4, rel=1e-12)
 
 
 # ---------------------------------------------------------------- plain-loop reference
@@ -201,7 +202,8 @@ def test_gradients_finite_with_extreme_logits():
 
 
 @pytest.mark.parametrize("params,key", [({"weight": -1.0}, "weight"), ({"max_boundary_fraction": 1.5}, "max_boundary"),
-                                        ({"label_smoothing": 1.0}, "label_smoothing"), ({"max_distance": 0}, "max_distance")])
+                                        ({"label_smoothing": 1.0}, "label_smoothing"),
+                                        ({"max_distance": 0}, "max_distance")])
 def test_invalid_params(params, key):
     with pytest.raises(ValueError, match=key):
         build_loss("abl", 4, **params)

@@ -55,7 +55,8 @@ def ref_ssl(x, t, c, gamma=0.5, beta=0.1, sigma_window=1.5, eps=0.01):
     e_max = fe.max()
     f = (fe > beta * e_max).astype(float)
     fe = fe * f
-    nll = torch.nn.functional.cross_entropy(x, torch.where(t == IGNORE, 0, t), reduction="none") * torch.from_numpy(valid)
+    nll = torch.nn.functional.cross_entropy(x, torch.where(t == IGNORE, 0, t), reduction="none")
+    nll = nll * torch.from_numpy(valid)
     ce = nll.sum() / valid.sum()
     l_ssl = (torch.from_numpy(fe) * nll).sum() / max(f.sum(), 1.0)
     return gamma * ce + (1 - gamma) * l_ssl, f.sum()
@@ -110,7 +111,8 @@ def test_gradients_finite_extreme_logits_and_zero_hard_positions():
     x = torch.randn(1, 3, 4, 4, dtype=torch.float64)
     t = torch.full((1, 4, 4), IGNORE)
     t[0, 1, 2] = 2
-    torch.testing.assert_close(build_loss("ssl", 3)(x, t), 0.5 * torch.nn.functional.cross_entropy(x, t, ignore_index=IGNORE))
+    expected = 0.5 * torch.nn.functional.cross_entropy(x, t, ignore_index=IGNORE)
+    torch.testing.assert_close(build_loss("ssl", 3)(x, t), expected)
 
 
 @pytest.mark.parametrize("params,key", [({"gamma": 1.5}, "gamma"), ({"beta": -0.1}, "beta"),

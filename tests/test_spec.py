@@ -98,3 +98,15 @@ def test_hash_ignores_non_result_fields_and_sees_result_fields():
     for change in ({"seed": 2}, {"loss": {"name": "recall"}}, {"train": {"iterations": 2}},
                    {"loss": {"name": "focal", "params": {"gamma": 1.0}}}, {"model": {"output_stride": 8}}):
         assert spec_hash(from_dict(change)) != spec_hash(base), change
+
+
+def test_readme_loss_table_matches_losses():
+    import re
+    from pathlib import Path
+
+    from study.losses import LOSSES
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("## Losses", 1)[1].split("\n## ", 1)[0]
+    names = re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.M)
+    assert sorted(names) == sorted(LOSSES)

@@ -167,10 +167,10 @@ def load_edge_net(path: str | os.PathLike, num_classes: int | None = None) -> Ed
     return net.requires_grad_(False).eval()
 
 
-def train_edge_net(num_classes: int, masks_or_generator=None, steps: int = 300, *, ignore_index: int = 255,
+def train_edge_net(num_classes: int, masks_or_generator=None, steps: int = 200, *, ignore_index: int = 255,
                    widths: Sequence[int] = DEFAULT_WIDTHS, batch_size: int = 8, crop: int = 32,
                    lr: float = 5e-3, seed: int = 0, cache_dir: str | os.PathLike | None = None,
-                   use_cache: bool = True) -> tuple[EdgeNet, Path | None]:
+                   use_cache: bool = True, threads: int | None = 1) -> tuple[EdgeNet, Path | None]:
     """Train (or load from the cache) the edge network; returns (frozen net on the CPU, cache file or None).
 
     ``masks_or_generator``: integer label maps ``[M,H,W]`` (tensor, array or sequence of 2-D maps; random
@@ -178,7 +178,9 @@ def train_edge_net(num_classes: int, masks_or_generator=None, steps: int = 300, 
     when it has a ``fingerprint`` attribute), or None for synthetic ``BlobMasks``.
     Training: Adam(``lr``), ``steps`` batches, per-class BCE on ``edge_targets`` with positives weighted by
     #negatives/#positives of the batch, ignored pixels excluded and fed as all-zero one-hot columns.
-    The global RNG is left untouched (own generator, forked RNG for the initialisation).
+    The global RNG is left untouched (own generator, forked RNG for the initialisation). Training runs on
+    the CPU with ``threads`` intra-op threads (restored afterwards; None keeps torch's setting): the net is
+    small, and one thread is much faster than several on a busy machine.
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
@@ -202,6 +204,24 @@ def train_edge_net(num_classes: int, masks_or_generator=None, steps: int = 300, 
                 log.warning("ignoring unreadable SEMEDA edge net cache %s (%s)", path, err)
 
     log.info("training SEMEDA edge net: %d classes, %d steps, data %s", num_classes, steps, fingerprint)
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        net = _fit(sampler, num_classes, widths, steps, lr, seed, ignore_index)
+    finally:
+        torch.set_num_threads(old_threads)
+    if path is not None:
+        try:
+            _save(path, net, meta)
+        except OSError as err:
+            log.warning("could not cache the SEMEDA edge net at %s (%s)", path, err)
+            path = None
+    return net, path
+
+
+def _fit(sampler: Callable[[torch.Generator], Tensor], num_classes: int, widths: tuple[int, ...], steps: int,
+         lr: float, seed: int, ignore_index: int) -> EdgeNet:
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -220,14 +240,7 @@ def train_edge_net(num_classes: int, masks_or_generator=None, steps: int = 300, 
         bce.backward()
         opt.step()
     opt.zero_grad(set_to_none=True)
-    net.requires_grad_(False).eval()
-    if path is not None:
-        try:
-            _save(path, net, meta)
-        except OSError as err:
-            log.warning("could not cache the SEMEDA edge net at %s (%s)", path, err)
-            path = None
-    return net, path
+    return net.requires_grad_(False).eval()
 
 
 class SemedaLoss(SegLoss):
@@ -244,7 +257,7 @@ class SemedaLoss(SegLoss):
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, weight: float = 1.0, distance: str = "l1",
-                 edge_net_path: str | None = None, cache_dir: str | None = None, train_steps: int = 300,
+                 edge_net_path: str | None = None, cache_dir: str | None = None, train_steps: int = 200,
                  widths: Sequence[int] = DEFAULT_WIDTHS) -> None:
         super().__init__(num_classes, ignore_index)
         if not weight >= 0:

@@ -1,0 +1,154 @@
+"""Launching grids: dedup, relaunch of failed runs, local concurrency cap, many writers, real Slurm."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from study.launch import default_parallelism, launch, status
+from study.grid import Resources
+
+
+def grid_file(tmp_path, tiny, axes, name="g", resources=None, **base_sections):
+    raw = {"name": name, "base": tiny(**base_sections), "axes": axes,
+           "resources": resources or {"cpus": 1, "mem_gb": 1, "timeout_min": 10}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def runs_of(tmp_path, experiment="tests"):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id])
+
+
+def quiet(*args, **kwargs):
+    pass
+
+
+def test_debug_launch_dedups_and_groups_under_parent(tmp_path, tiny):
+    path = grid_file(tmp_path, tiny, {"loss": ["ce", "recall"]}, train={"iterations": 2, "eval_interval": 2})
+    first = launch(path, executor="debug", folder_root=tmp_path / "submitit", log=quiet)
+    assert len(first["submitted"]) == 2 and not first["failed"]
+    client, runs = runs_of(tmp_path)
+    parents = [r for r in runs if "study.grid_parent" in r.data.tags]
+    children = [r for r in runs if "study.spec_hash" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    assert all(r.data.tags["study.grid"] == "g" and r.info.status == "FINISHED" for r in children)
+    again = launch(path, executor="debug", folder_root=tmp_path / "submitit", log=quiet)
+    assert again["submitted"] == [] and len(again["skipped"]) == 2
+    assert len(runs_of(tmp_path)[1]) == 3  # nothing new, same parent
+    rows = status(path, folder_root=tmp_path / "submitit")
+    assert [r["state"] for r in rows] == ["finished", "finished"]
+    assert all(r["iteration"] == 2 and r["test_miou"] is not None for r in rows)
+
+
+def test_relaunch_submits_only_failed_and_missing(tmp_path, tiny):
+    # batch size 1 makes BatchNorm raise in the first training step: a run that fails after it started
+    path = grid_file(tmp_path, tiny, {"train.batch_size": [2, 1], "seed": [1, 2]},
+                     train={"iterations": 2, "eval_interval": 2})
+    first = launch(path, executor="debug", folder_root=tmp_path / "submitit", log=quiet)
+    assert len(first["submitted"]) == 4 and len(first["failed"]) == 2
+    client, runs = runs_of(tmp_path)
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    assert len(failed) == 2 and all("Expected more than 1 value" in r.data.tags["study.failure"] for r in failed)
+    rows = {r["hash"]: r["state"] for r in status(path, folder_root=tmp_path / "submitit")}
+    assert sorted(rows.values()) == ["failed", "failed", "finished", "finished"]
+    second = launch(path, executor="debug", folder_root=tmp_path / "submitit", log=quiet)
+    assert sorted(second["submitted"]) == sorted(first["failed"])
+
+
+def test_dry_run_submits_nothing(tmp_path, tiny):
+    path = grid_file(tmp_path, tiny, {"seed": [1, 2, 3]})
+    lines = []
+    summary = launch(path, executor="local", dry_run=True, folder_root=tmp_path / "submitit", log=lines.append)
+    assert len(summary["submitted"]) == 3 and sum("submit" in l for l in lines[1:]) == 3
+    assert not (tmp_path / "submitit").exists()
+    client, runs = runs_of(tmp_path)
+    assert runs == []
+
+
+def test_default_parallelism_follows_cpus_and_memory():
+    cpus = os.cpu_count()
+    assert default_parallelism(Resources(cpus=1, mem_gb=0.5)) == cpus
+    assert default_parallelism(Resources(cpus=cpus, mem_gb=0.5)) == 1
+    assert default_parallelism(Resources(cpus=1, mem_gb=10_000)) == 1
+
+
+@pytest.mark.slow
+def test_local_executor_respects_cap_and_logs_everything(tmp_path, tiny):
+    path = grid_file(tmp_path, tiny, {"seed": [1, 2, 3]}, train={"iterations": 4, "eval_interval": 4})
+    summary = launch(path, executor="local", max_parallel=2, folder_root=tmp_path / "submitit", log=quiet)
+    assert not summary["failed"] and len(summary["job_ids"]) == 3
+    client, runs = runs_of(tmp_path)
+    children = [r for r in runs if "study.spec_hash" in r.data.tags]
+    assert len(children) == 3 and all(r.info.status == "FINISHED" for r in children)
+    spans = sorted((r.info.start_time, r.info.end_time) for r in children)
+    for t, _ in spans:  # at most 2 runs alive at any start time
+        assert sum(s <= t < e for s, e in spans) <= 2
+    # the third job could start only after one of the first two ended
+    assert spans[2][0] >= min(spans[0][1], spans[1][1])
+    folder = tmp_path / "submitit" / "g"
+    assert (folder / "latest").exists()
+
+
+@pytest.mark.slow
+def test_eight_concurrent_jobs_lose_nothing(tmp_path, tiny):
+    path = grid_file(tmp_path, tiny, {"seed": list(range(8))},
+                     train={"iterations": 6, "eval_interval": 3, "log_interval": 1},
+                     data={"texdigits": {"num_train": 8, "num_val": 2, "num_test": 2, "height": 32, "width": 48}})
+    summary = launch(path, executor="local", max_parallel=8, folder_root=tmp_path / "submitit", log=quiet)
+    assert not summary["failed"]
+    client, runs = runs_of(tmp_path)
+    children = [r for r in runs if "study.spec_hash" in r.data.tags]
+    assert len(children) == 8
+    default = client.get_experiment_by_name("Default")
+    assert default is None or client.search_runs([default.experiment_id]) == []  # nothing misfiled
+    for r in children:
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val/miou")] == [3, 6]
+        assert len([k for k in r.data.metrics if k.startswith("test/")]) > 20
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_array_runs_grid(slurm_cluster, tmp_path, tiny):
+    path = grid_file(tmp_path, tiny, {"seed": [1, 2, 3]}, train={"iterations": 2, "eval_interval": 2},
+                     resources={"cpus": 1, "mem_gb": 1, "timeout_min": 10, "partition": slurm_cluster.partition})
+    summary = launch(path, executor="slurm", folder_root=tmp_path / "submitit", log=quiet)
+    assert not summary["failed"], slurm_cluster.logs()
+    ids = set(summary["job_ids"].values())
+    assert len({i.split("_")[0] for i in ids}) == 1  # one array
+    client, runs = runs_of(tmp_path)
+    assert sorted(r.info.status for r in runs if "study.spec_hash" in r.data.tags) == ["FINISHED"] * 3
+    assert launch(path, executor="slurm", folder_root=tmp_path / "submitit", log=quiet)["submitted"] == []
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_timeout_requeues_and_continues_same_run(slurm_cluster, tmp_path, tiny):
+    # ~80 s of training under a 1 minute limit; the signal comes 15-45 s before the limit
+    path = grid_file(tmp_path, tiny, {"seed": [1]},
+                     train={"iterations": 400, "eval_interval": 400, "checkpoint_interval": 10, "log_interval": 10},
+                     data={"texdigits": {"num_train": 8, "num_val": 2, "num_test": 2, "height": 64, "width": 96}},
+                     resources={"cpus": 1, "mem_gb": 2, "timeout_min": 1, "partition": slurm_cluster.partition,
+                                "slurm": {"signal_delay_s": 15}})
+    summary = launch(path, executor="slurm", folder_root=tmp_path / "submitit", log=quiet)
+    assert not summary["failed"], slurm_cluster.logs()
+    client, runs = runs_of(tmp_path)
+    children = [r for r in runs if "study.spec_hash" in r.data.tags]
+    assert len(children) == 1, "the requeued job must continue the same MLflow run"
+    run = children[0]
+    assert run.info.status == "FINISHED" and run.data.tags["study.iteration"] == "400"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert set(steps) == set(range(1, 401))
+    (job_id,) = summary["job_ids"].values()
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    logs = "".join(p.read_text() for p in (tmp_path / "submitit").rglob("*_log.*"))
+    assert "Restarts=1" in out or "SIGUSR2" in logs or "requeu" in logs.lower(), (out, logs[-2000:])
