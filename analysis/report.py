@@ -11,6 +11,8 @@ so running twice on the same store gives identical files.
 """
 from __future__ import annotations
 
+import json
+
 import re
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -41,7 +43,17 @@ def class_frequency_for(col: Collected, dataset: str, reference: Mapping,
         return ({str(k): float(v) for k, v in reference["synthia_class_frequency_percent"].items()},
                 "class order: SYNTHIA training pixel frequencies printed in the paper's Figure 1")
     runs = col.runs[col.runs["dataset"] == dataset].sort_values("run_id")
-    if runs.empty or col.tracking_uri is None:
+    if runs.empty:
+        return None, "class order: as logged"
+    counts = runs["class_counts"].dropna() if "class_counts" in runs else []
+    names = col.class_names.get(dataset) or []
+    if len(counts) and names:
+        values = np.asarray(json.loads(counts.iloc[0]), dtype=float)
+        if len(values) == len(names) and values.sum() > 0:
+            share = 100.0 * values / values.sum()
+            return (dict(zip(names, share)),
+                    "class order: pixel share of the training split (tag `study.class_counts`)")
+    if col.tracking_uri is None:
         return None, "class order: as logged"
     row = runs.iloc[0]
     csv = load_artifact_csv(col.tracking_uri, row["run_id"], f"metrics/per_class_{row['metric_split']}.csv")

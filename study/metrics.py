@@ -23,7 +23,7 @@ import torch
 
 __all__ = ["ConfusionMatrix"]
 
-_CPU_CHUNK = 1 << 18  # pixels per counting pass on CPU (a 1 MiB int32 index buffer)
+_CPU_CHUNK = 1 << 20  # pixels per counting pass on CPU (a 4 MiB int32 index buffer, reused)
 _CPU_MAX_TARGET = 4095  # larger target ids take the masked path (bincount length is (max t + 1) * C)
 
 
