@@ -119,3 +119,8 @@ def format_table(rows: list[Row]) -> str:
     line = lambda c: "| " + " | ".join(v.ljust(w) for v, w in zip(c, widths)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cells[0]), sep] + [line(c) for c in cells[1:]])
+
+
+def ROOT_ENV() -> dict[str, str]:  # noqa: N802 - reads like the constant it stands for
+    """Environment for child processes: this one's, telemetry off."""
+    return dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")

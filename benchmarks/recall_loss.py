@@ -75,7 +75,7 @@ def _check_reference(num_classes: int) -> None:
 
 def run(quick: bool = False) -> list[Row]:
     shape = (2, 19, 128, 256) if quick else (8, 19, 512, 1024)
-    repeats = 4 if quick else 7
+    repeats = 4 if quick else 5
     c = shape[1]
     _check_reference(c)
     logits, target = make_inputs(shape)
@@ -99,7 +99,7 @@ def run(quick: bool = False) -> list[Row]:
         rows.append(ratio_row(f"{name} fwd+bwd {label} vs F.cross_entropy", times, name, "ce", targets[name]))
 
     ours = build_loss("recall", c, official_compat=True)
-    ref_repeats = 3 if quick else 5
+    ref_repeats = 3 if quick else 4
     times = interleaved({"released": _fwd_bwd(lambda x, t: released_recall_loss(x, t, c), logits, target),
                          "ours": _fwd_bwd(ours, logits, target)}, repeats=ref_repeats, warmup=1)
     row = ratio_row(f"recall (official_compat) vs released-code recall {label}: speed-up", times, "ours",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ def _cmd_run(args) -> int:
         keys = ("test/miou", "test/macc", "test/mprec")
         print("  ".join(f"{k}={result.metrics[k]:.4f}" for k in keys if k in result.metrics))
     print(f"MLflow run {result.run_id} (experiment {exp_id}); browse with `study ui --store {uri}` "
-          f"then open #/experiments/{exp_id}/runs/{result.run_id}")
+          f"and open {ui_url('127.0.0.1', 5000, exp_id, result.run_id)}")
     return 0
 
 
@@ -82,10 +81,24 @@ def server_command(uri: str, host: str, port: int) -> tuple[list[str], dict[str,
     return cmd, env
 
 
+def ui_url(host: str, port: int, experiment_id: str | None = None, run_id: str | None = None) -> str:
+    """Browser address of the UI's training view (an experiment's runs table, or one run's page).
+
+    MLflow 3.17's UI does not follow the experiment's ``mlflow.experimentKind`` tag: it opens every
+    experiment in its GenAI view unless the address carries ``workflowType=machine_learning`` (or the
+    "Model training" toggle was clicked once in that browser, which it remembers).
+    """
+    netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    route = f"/experiments/{experiment_id}" if experiment_id is not None else "/experiments"
+    if run_id is not None:
+        route += f"/runs/{run_id}"
+    return f"http://{netloc}/#{route}?workflowType=machine_learning"
+
+
 def _cmd_server(args) -> int:
     from study.tracking import prepare
 
-    prepare(args.store, args.experiment)  # create the store once, before any job
+    _, exp_id = prepare(args.store, args.experiment)  # create the store once, before any job
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.auth:
         print(
             f"WARNING: binding the tracking server to {args.host} without authentication exposes every run to "
@@ -96,9 +109,12 @@ def _cmd_server(args) -> int:
     cmd, env = server_command(args.store, args.host, args.port)
     if args.auth:
         cmd += ["--app-name", "basic-auth"]
-    print(" ".join(cmd))
-    print(f"UI: http://{args.host}:{args.port}")
-    return subprocess.call(cmd, env=env)
+    print(" ".join(cmd), flush=True)
+    print(f"UI: {ui_url(args.host, args.port, exp_id)}", flush=True)
+    # Become the server (no wrapper process): a SIGTERM to `study ui` then stops MLflow, which stops its
+    # uvicorn worker, instead of leaving an orphaned server holding the port.
+    os.execve(cmd[0], cmd, env)
+    return 0  # not reached
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ from typing import Any
 import submitit
 
 from study import tracking
-from study.grid import Grid, GridRun, Resources, load_grid
+from study.grid import Grid, GridError, GridRun, Resources, load_grid
 from study.spec import from_dict, to_dict
 
 EXECUTORS = ("debug", "local", "slurm")
@@ -86,6 +86,52 @@ def plan(grid: Grid) -> Plan:
     submit = [r for r in grid.runs if states[r.hash] != "finished"]
     skip = [r for r in grid.runs if states[r.hash] == "finished"]
     return Plan(grid, uri, exp_id, submit, skip, states)
+
+
+def preflight(grid: Grid) -> None:
+    """Check, before anything is submitted or written, what a job would otherwise find missing only
+    after it started: for every distinct data spec the data root and its three splits (listing files
+    only; generated texdigits roots are skipped), and local pretrained weight files.
+
+    Raises GridError naming the grid file, the combination and the key.
+    """
+    from study.data.cityscapes import cityscapes_samples
+    from study.data.synthia import SPLITS, synthia_samples
+    from study.models import imagenet_checkpoint_path
+
+    seen: set[str] = set()
+    for run in grid.runs:
+        label = ", ".join(f"{k}={v}" for k, v in run.combination.items())
+        where = f"{grid.path} [{label}]"
+        data, model = run.spec.data, run.spec.model
+        data_key = json.dumps([data.name, data.root, data.split_mode, data.split_seed, data.splits], sort_keys=True)
+        if data.name != "texdigits" and data_key not in seen:
+            seen.add(data_key)
+            root = Path(data.root)
+            if not root.is_dir():
+                raise GridError(f"{where}: key 'data.root': {data.name} data folder {str(root.resolve())!r} does not exist")
+            try:
+                if data.name == "synthia":
+                    _, samples = synthia_samples(root, data.split_mode, data.split_seed)
+                else:
+                    samples = {s: cityscapes_samples(root, str(data.splits.get(s, s))) for s in SPLITS}
+            except (OSError, ValueError) as err:
+                raise GridError(f"{where}: key 'data.root': {err}") from None
+            empty = [s for s in SPLITS if not samples.get(s)]
+            if empty:
+                key = "data.splits" if data.name == "cityscapes" else "data.split_mode"
+                raise GridError(f"{where}: key '{key}': {data.name} split {empty[0]!r} under {str(root.resolve())!r} "
+                                f"is empty (split_mode {data.split_mode!r})")
+        weights_key = f"pretrained:{model.backbone}:{model.pretrained}"
+        if model.pretrained is not None and weights_key not in seen:
+            seen.add(weights_key)
+            if model.pretrained == "imagenet":
+                path, url = imagenet_checkpoint_path(model.backbone)
+                if not path.is_file():
+                    raise GridError(f"{where}: key 'model.pretrained': ImageNet weights for {model.backbone!r} not "
+                                    f"found at {str(path)!r} (copy {url} there; nothing is downloaded)")
+            elif not Path(model.pretrained).is_file():
+                raise GridError(f"{where}: key 'model.pretrained': weights file {model.pretrained!r} does not exist")
 
 
 def parent_run(uri: str, experiment_id: str, grid: Grid) -> str:
@@ -186,6 +232,7 @@ def launch(grid_path: str | Path, executor: str = "local", fresh: bool = False, 
     if executor not in EXECUTORS:
         raise LaunchError(f"executor {executor!r} is not one of: {', '.join(EXECUTORS)}")
     grid = load_grid(grid_path)
+    preflight(grid)
     if executor == "slurm":
         if shutil.which("sbatch") is None:
             raise LaunchError("executor 'slurm' needs Slurm's sbatch on PATH; use --executor local")

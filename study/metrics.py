@@ -23,7 +23,7 @@ import torch
 
 __all__ = ["ConfusionMatrix"]
 
-_CPU_CHUNK = 1 << 20  # pixels per counting pass on CPU (a 4 MiB int32 index buffer, reused)
+_CPU_CHUNK = 1 << 18  # pixels per counting pass on CPU (a 2 MiB int64 index buffer, reused)
 _CPU_MAX_TARGET = 4095  # larger target ids take the masked path (bincount length is (max t + 1) * C)
 
 
@@ -91,32 +91,30 @@ class ConfusionMatrix:
         return torch.bincount(idx, minlength=c * c + 1)[: c * c].reshape(c, c)
 
     def _counts_cpu(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """CPU path (``ignore_index`` outside ``[0, C)``), in chunks of ``_CPU_CHUNK`` pixels.
+        """CPU path (``ignore_index`` outside ``[0, C)``): numpy, serial, in chunks of ``_CPU_CHUNK`` pixels.
 
         When a chunk's predictions lie in ``[0, C)`` and its targets in ``[0, _CPU_MAX_TARGET]``, the
-        index ``t*C + p`` is written (one pass) into a reused int32 buffer that stays in cache and
-        counted by ``bincount``; targets ``>= C`` (the ignore index among them) land in bins
-        ``>= C*C``, which are dropped. Other chunks take :meth:`_counts_masked`. Same counts as
-        the masked path, ~3x fewer bytes moved and no page faults on fresh full-size temporaries.
+        index ``t*C + p`` is written into a reused int64 buffer that stays in cache and counted by
+        ``np.bincount``; targets ``>= C`` (the ignore index among them) land in bins ``>= C*C``,
+        which are dropped. Other chunks take :meth:`_counts_masked`. Same counts as the masked path
+        with ~3x fewer bytes moved, no page faults on fresh full-size temporaries and no parallel
+        regions (which stall when other processes load the cores).
         """
         c = self.num_classes
-        n = p.numel()
-        out = torch.zeros(c * c, dtype=torch.int64)
-        buf = torch.empty(min(n, _CPU_CHUNK), dtype=torch.int32)
+        pn, tn = p.numpy(), t.numpy()
+        n = pn.size
+        out = np.zeros(c * c, dtype=np.int64)
+        buf = np.empty(min(n, _CPU_CHUNK), dtype=np.int64)
         for start in range(0, n, _CPU_CHUNK):
-            pc, tc = p[start:start + _CPU_CHUNK], t[start:start + _CPU_CHUNK]
-            p_lo, p_hi = (int(v) for v in torch.aminmax(pc))
-            t_lo, t_hi = (int(v) for v in torch.aminmax(tc))
-            if p_lo < 0 or p_hi >= c or t_lo < 0 or t_hi > _CPU_MAX_TARGET:
-                out += self._counts_masked(pc, tc).reshape(-1)
+            pc, tc = pn[start:start + _CPU_CHUNK], tn[start:start + _CPU_CHUNK]
+            if pc.min() < 0 or pc.max() >= c or tc.min() < 0 or tc.max() > _CPU_MAX_TARGET:
+                out += self._counts_masked(torch.from_numpy(pc), torch.from_numpy(tc)).reshape(-1).numpy()
                 continue
-            if pc.dtype not in (torch.int32, torch.int64):
-                pc = pc.to(torch.int32)  # narrow types would overflow in t*C + p
-            if tc.dtype not in (torch.int32, torch.int64):
-                tc = tc.to(torch.int32)
-            idx = torch.add(pc, tc, alpha=c, out=buf[: pc.numel()])
-            out += torch.bincount(idx, minlength=c * c)[: c * c]
-        return out.reshape(c, c)
+            idx = buf[: pc.size]
+            np.multiply(tc, c, out=idx, dtype=np.int64)
+            np.add(idx, pc, out=idx, dtype=np.int64)
+            out += np.bincount(idx, minlength=c * c)[: c * c]
+        return torch.from_numpy(out.reshape(c, c))
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Add the counts of ``pred`` vs ``target`` (same shape, integer class ids)."""

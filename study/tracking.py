@@ -144,7 +144,7 @@ class RunLogger:
     @classmethod
     def start(cls, uri: str, experiment_id: str, name: str, tags: dict[str, str], parent_run_id: str | None = None):
         client = MlflowClient(uri)
-        tags = dict(tags)
+        tags = {k: str(v) for k, v in tags.items()}  # the REST store (tracking server) takes strings only
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = client.create_run(experiment_id, run_name=name, tags=tags)

@@ -223,52 +223,48 @@ def train(
         uri, experiment_id = tracking.prepare(uri, spec.tracking.experiment)
     if spec.train.threads:
         torch.set_num_threads(spec.train.threads)
-    device = pick_device(spec.train.device)
-    bundle = build_datasets(spec.data, spec.data.split_seed)
-    class_names = list(bundle.class_names)
-    C = bundle.num_classes
-    seed_everything(spec.seed)  # after the data: a cached and a fresh data set must give the same model
-    model = build_model(spec.model.arch, spec.model.backbone, C, spec.model.output_stride, spec.model.pretrained)
-    model.to(device)
-    params = dict(spec.loss.params)
-    if spec.loss.name in NEEDS_CLASS_COUNTS:
-        params["class_counts"] = [int(c) for c in bundle.class_counts]
-    loss_fn = build_loss(spec.loss.name, C, ignore_index=bundle.ignore_index, **params).to(device)
-    optimizer = build_optimizer(spec, model.parameters())
-    scheduler = build_scheduler(spec, optimizer)
+    state: dict | None = None
+    try:  # errors before training starts still leave a FAILED run with the reason
+        device = pick_device(spec.train.device)
+        bundle = build_datasets(spec.data, spec.data.split_seed)
+        class_names = list(bundle.class_names)
+        C = bundle.num_classes
+        seed_everything(spec.seed)  # after the data: a cached and a fresh data set must give the same model
+        model = build_model(spec.model.arch, spec.model.backbone, C, spec.model.output_stride, spec.model.pretrained)
+        model.to(device)
+        params = dict(spec.loss.params)
+        if spec.loss.name in NEEDS_CLASS_COUNTS:
+            params["class_counts"] = [int(c) for c in bundle.class_counts]
+        loss_fn = build_loss(spec.loss.name, C, ignore_index=bundle.ignore_index, **params).to(device)
+        optimizer = build_optimizer(spec, model.parameters())
+        scheduler = build_scheduler(spec, optimizer)
 
-    folder = checkpoint_dir(spec)
-    if fresh and folder.exists():
-        for f in folder.iterdir():
-            f.unlink()
-    state, ckpt_notes = ckpt.load_latest(folder, map_location=device)
-    start, best_miou, best_it = 0, -1.0, -1
-    resumed = state is not None and state.get("spec_hash") == h
+        folder = checkpoint_dir(spec)
+        if fresh and folder.exists():
+            for f in folder.iterdir():
+                f.unlink()
+        state, ckpt_notes = ckpt.load_latest(folder, map_location=device)
+        start, best_miou, best_it = 0, -1.0, -1
+        resumed = state is not None and state.get("spec_hash") == h
+        if resumed:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            loss_fn.load_state_dict(state["loss"])
+            _set_rng_state(state["rng"])
+            start, best_miou, best_it = state["iteration"], state["best_miou"], state["best_iteration"]
+    except Exception as err:
+        _record_setup_failure(spec, uri, experiment_id, parent_run_id, grid, state, err)
+        raise
     if resumed:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loss_fn.load_state_dict(state["loss"])
-        _set_rng_state(state["rng"])
-        start, best_miou, best_it = state["iteration"], state["best_miou"], state["best_iteration"]
         logger = tracking.RunLogger(uri, state["run_id"])
         logger.reopen()
     else:
-        tags = {
-            "study.spec_hash": h,
-            "study.loss": spec.loss.name,
-            "study.dataset": spec.data.name,
-            "study.backbone": spec.model.backbone,
-            "study.arch": spec.model.arch,
-            "study.seed": spec.seed,
-            "study.class_names": json.dumps(class_names),
-            "study.git_commit": tracking.git_commit(),
-            "study.versions": json.dumps(tracking.library_versions()),
-            "study.iteration": 0,
-        }
-        if grid:
-            tags["study.grid"] = grid
+        tags = {**_spec_tags(spec, grid), "study.class_names": json.dumps(class_names), "study.iteration": 0}
         logger = tracking.RunLogger.start(uri, experiment_id, run_name(spec), tags, parent_run_id)
+        if ckpt_notes:  # the run those checkpoints belonged to cannot continue: close it, pointing here
+            ckpt_notes.append("no usable checkpoint: restarted from iteration 0 in this new run")
+            _close_unresumable_runs(uri, experiment_id, h, logger.run_id)
         logger.log_params(flatten(to_dict(spec)))
         logger.set_tags({"study.class_counts": json.dumps([int(c) for c in bundle.class_counts])})
         with tempfile.TemporaryDirectory() as tmp:
@@ -405,6 +401,52 @@ def train(
             if isinstance(err, TrainingFailed):
                 raise
             raise TrainingFailed(reason) from err
+
+
+def _spec_tags(spec: RunSpec, grid: str | None) -> dict[str, Any]:
+    """The run tags that depend on the spec alone (docs/architecture.md)."""
+    tags: dict[str, Any] = {
+        "study.spec_hash": spec_hash(spec),
+        "study.loss": spec.loss.name,
+        "study.dataset": spec.data.name,
+        "study.backbone": spec.model.backbone,
+        "study.arch": spec.model.arch,
+        "study.seed": spec.seed,
+        "study.git_commit": tracking.git_commit(),
+        "study.versions": json.dumps(tracking.library_versions()),
+    }
+    if grid:
+        tags["study.grid"] = grid
+    return tags
+
+
+def _record_setup_failure(spec: RunSpec, uri: str, experiment_id: str, parent_run_id: str | None,
+                          grid: str | None, state: dict | None, err: BaseException) -> None:
+    """Mark the run FAILED with ``study.failure`` for an error raised before the first step (bad data,
+    model, loss or checkpoint state): the resumed run when the checkpoint names one, else a new run.
+    Best effort: a store error here is only warned about, the original error is re-raised by the caller."""
+    import warnings
+
+    reason = f"{type(err).__name__}: {err}"[:4000]
+    try:
+        run_id = state.get("run_id") if isinstance(state, dict) and state.get("spec_hash") == spec_hash(spec) else None
+        if run_id:
+            logger = tracking.RunLogger(uri, run_id)
+        else:
+            logger = tracking.RunLogger.start(uri, experiment_id, run_name(spec), _spec_tags(spec, grid), parent_run_id)
+        logger.set_tags({"study.failure": reason})
+        logger.finish("FAILED")
+    except Exception as store_err:  # noqa: BLE001
+        warnings.warn(f"could not record the failure in MLflow ({store_err}); the failure was: {reason}", stacklevel=2)
+
+
+def _close_unresumable_runs(uri: str, experiment_id: str, h: str, new_run_id: str) -> None:
+    """Mark RUNNING runs of spec ``h`` FAILED: their checkpoints were unusable, ``new_run_id`` restarts them."""
+    for run in tracking.find_runs(uri, experiment_id, [h]).get(h, []):
+        if run.info.run_id != new_run_id and run.info.status == "RUNNING":
+            old = tracking.RunLogger(uri, run.info.run_id)
+            old.set_tags({"study.failure": f"checkpoints unusable; restarted from scratch as run {new_run_id}"})
+            old.finish("FAILED")
 
 
 def _final_evaluation(spec, model, bundle, folder, device, logger, class_names, it, best_it) -> dict[str, float]:

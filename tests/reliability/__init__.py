@@ -1,0 +1,1 @@
+"""Reliability and safety suite: faults, load, bad input, safety (`python -m tests.reliability --report`)."""
