@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,24 +30,42 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def save(state: dict[str, Any], path: Path, keep_previous: bool = False) -> None:
-    """Write ``state`` to ``path`` atomically (temp file + fsync + rename), then its digest."""
+    """Write ``state`` to ``path`` atomically (temp file + fsync + rename), then its digest.
+
+    With ``keep_previous`` the current file (if its digest file exists) becomes ``<stem>.prev<suffix>``
+    first, as a hard link (a copy where links are unsupported) followed by its digest. A crash at any
+    step leaves at least one of the two files with a matching digest: the previous one is complete
+    before the current one is replaced.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(state, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     digest = _digest(tmp)
-    if keep_previous and path.exists():
+    side = _sidecar(path)
+    if keep_previous and path.exists() and side.exists():
         prev = path.with_name(path.stem + ".prev" + path.suffix)
-        os.replace(path, prev)
-        side = path.with_name(path.name + ".sha256")
-        if side.exists():
-            os.replace(side, prev.with_name(prev.name + ".sha256"))
-    os.replace(tmp, path)
-    side_tmp = path.with_name(path.name + ".sha256.tmp")
-    side_tmp.write_text(digest)
-    os.replace(side_tmp, path.with_name(path.name + ".sha256"))
+        _sidecar(prev).unlink(missing_ok=True)  # from here prev is invalid, path still valid
+        prev.unlink(missing_ok=True)
+        try:
+            os.link(path, prev)
+        except OSError:
+            shutil.copyfile(path, prev)
+        _write_atomic(_sidecar(prev), side.read_text())  # both valid
+    os.replace(tmp, path)  # path invalid (old digest) until its digest is replaced; prev valid
+    _write_atomic(side, digest)
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

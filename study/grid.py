@@ -90,6 +90,10 @@ def _matches(raw: dict, rule: dict) -> bool:
 
 
 def _assign(raw: dict, dotted: str, value: Any) -> dict:
+    """Set ``dotted`` in ``raw`` (in place; ``raw`` is the combination's private copy) and return it.
+
+    A mapping merges into the mapping already there; a loss of another name drops the old params.
+    """
     if dotted == "loss" and isinstance(value, str):
         value = {"name": value}
     if isinstance(value, dict):
@@ -98,9 +102,10 @@ def _assign(raw: dict, dotted: str, value: Any) -> dict:
             if dotted == "loss" and "name" in value and value["name"] != current.get("name"):
                 current = {k: v for k, v in current.items() if k != "params"}
             value = merge(current, value)
-    out = copy.deepcopy(raw)
-    set_path(out, dotted, value)
-    return out
+    else:
+        value = copy.deepcopy(value)
+    set_path(raw, dotted, value)
+    return raw
 
 
 def _label(value: Any) -> Any:
@@ -137,6 +142,7 @@ def load_grid(path: str | Path) -> Grid:
     except SpecError as err:
         raise GridError(str(err)) from None
 
+    base_resources_raw = dataclasses.asdict(base_resources)
     runs: list[GridRun] = []
     seen: dict[str, dict] = {}
     names = list(axes)
@@ -145,7 +151,7 @@ def load_grid(path: str | Path) -> Grid:
         spec_raw = copy.deepcopy(base)
         for n, v in zip(names, values):
             spec_raw = _assign(spec_raw, n, v)
-        resources_raw = dataclasses.asdict(base_resources)
+        resources_raw = copy.deepcopy(base_resources_raw)
         for rule in overrides:
             if _matches(spec_raw, rule.get("when") or {}):
                 for dotted, v in rule["set"].items():

@@ -363,8 +363,17 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:
     return from_dict(merge(raw, parse_overrides(overrides)), str(path))
 
 
-def to_dict(spec: RunSpec) -> dict:
-    return dataclasses.asdict(spec)
+def to_dict(spec: Any) -> Any:
+    """Dataclasses -> plain dicts (lists and dicts copied); a faster ``dataclasses.asdict`` for specs."""
+    kind = type(spec)
+    fields = getattr(kind, "__dataclass_fields__", None)
+    if fields is not None:
+        return {name: to_dict(getattr(spec, name)) for name in fields}
+    if kind is dict:
+        return {k: to_dict(v) for k, v in spec.items()}
+    if kind is list or kind is tuple:
+        return [to_dict(v) for v in spec]
+    return spec
 
 
 def to_yaml(spec: RunSpec) -> str:

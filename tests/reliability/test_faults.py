@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +222,44 @@ def test_failing_runs_are_failed_with_reason_and_grid_finishes(tmp_path, small):
     assert "cannot read image file" in reason and str(Path(base["data"]["root"])) in reason
     assert runs[3].info.status == runs[4].info.status == "FINISHED"
     assert "test/miou" in runs[3].data.metrics and "test/miou" in runs[4].data.metrics
+
+
+class Crash(BaseException):
+    """A process death at a chosen file-system call (nothing after it runs, as with SIGKILL)."""
+
+
+def test_crash_at_every_step_of_checkpoint_rotation(tmp_path, monkeypatch, record_property):
+    """a crash at any file operation of a checkpoint save leaves last.pt or last.prev.pt loadable"""
+    recovered = []
+    for crash_at in range(12):
+        folder = tmp_path / f"crash{crash_at}"
+        for it in (1, 2):
+            ckpt.save({"iteration": it, "w": torch.full((1000,), float(it))}, folder / "last.pt", keep_previous=True)
+        calls = {"n": 0}
+
+        def hooked(real):
+            def call(*args, **kwargs):
+                calls["n"] += 1
+                if calls["n"] == crash_at + 1:
+                    raise Crash()
+                return real(*args, **kwargs)
+            return call
+
+        with monkeypatch.context() as m:
+            for name in ("replace", "rename", "link", "unlink", "remove"):
+                m.setattr(os, name, hooked(getattr(os, name)))
+            try:
+                ckpt.save({"iteration": 3, "w": torch.full((1000,), 3.0)}, folder / "last.pt", keep_previous=True)
+                crashed = False
+            except Crash:
+                crashed = True
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state, notes = ckpt.load_latest(folder)
+        assert state is not None, f"crash before file operation {crash_at + 1}: no usable checkpoint ({notes})"
+        assert state["iteration"] in (2, 3) and torch.equal(state["w"], torch.full((1000,), float(state["iteration"])))
+        recovered.append(state["iteration"])
+        if not crashed:
+            assert state["iteration"] == 3 and not notes
+            break
+    record_property("detail", f"iteration recovered after a crash at file operation 1..{len(recovered)}: {recovered}")

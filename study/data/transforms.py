@@ -1,0 +1,140 @@
+"""Joint image/label transforms for segmentation.
+
+Images are uint8 HxWx3 numpy arrays (channel order as read: BGR from OpenCV unless converted),
+labels uint8 HxW numpy arrays of class ids with ``ignore_index`` for unlabelled pixels. Every
+random choice draws from the ``torch.Generator`` passed in (``None`` = torch's global RNG, which
+a DataLoader seeds per worker), so a pipeline is deterministic given its generator state.
+
+Order applied by :class:`SegTransform` for training: resize -> random scale -> random crop (padded
+with 0 / ignore) -> horizontal flip -> colour jitter -> normalise. Evaluation: resize -> normalise.
+Images are resized bilinearly, labels with nearest neighbour, so no new label values appear. Labels
+use ``INTER_NEAREST_EXACT`` (pixel-centre aligned, as PIL/scikit-image) rather than ``INTER_NEAREST``
+(the released code's), whose sampling grid is shifted by up to half a source pixel against the
+bilinear image.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+
+IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)  # 255 * (0.485, 0.456, 0.406)
+IMAGENET_STD_RGB = (58.395, 57.12, 57.375)  # 255 * (0.229, 0.224, 0.225)
+
+
+def _uniform(gen: torch.Generator | None, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=gen))
+
+
+def _randint(gen: torch.Generator | None, low: int, high: int) -> int:
+    """Uniform integer in [low, high] (inclusive)."""
+    return int(torch.randint(low, high + 1, (), generator=gen))
+
+
+def resize(image: np.ndarray | None, label: np.ndarray | None, size: Sequence[int]
+           ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Resize to ``size`` = [H, W]: image bilinear, label nearest. ``None`` inputs pass through."""
+    h, w = int(size[0]), int(size[1])
+    if image is not None and image.shape[:2] != (h, w):
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+    if label is not None and label.shape[:2] != (h, w):
+        label = cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
+    return image, label
+
+
+def random_scale(image: np.ndarray, label: np.ndarray, scale: Sequence[float],
+                 gen: torch.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+    """Rescale both by one factor s ~ U(scale[0], scale[1]); new size = round(s * H), round(s * W)."""
+    s = _uniform(gen, float(scale[0]), float(scale[1]))
+    h, w = label.shape[:2]
+    return resize(image, label, (max(1, round(h * s)), max(1, round(w * s))))  # type: ignore[return-value]
+
+
+def random_crop(image: np.ndarray, label: np.ndarray, crop: Sequence[int], gen: torch.Generator | None,
+                ignore_index: int = 255) -> tuple[np.ndarray, np.ndarray]:
+    """Crop [H, W] at a uniform random offset; first pad bottom/right (image 0, label ignore) if smaller."""
+    ch, cw = int(crop[0]), int(crop[1])
+    h, w = label.shape[:2]
+    ph, pw = max(0, ch - h), max(0, cw - w)
+    if ph or pw:
+        image = cv2.copyMakeBorder(image, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        label = cv2.copyMakeBorder(label, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=ignore_index)
+        h, w = label.shape[:2]
+    y = _randint(gen, 0, h - ch)
+    x = _randint(gen, 0, w - cw)
+    return image[y:y + ch, x:x + cw], label[y:y + ch, x:x + cw]
+
+
+def random_hflip(image: np.ndarray, label: np.ndarray, gen: torch.Generator | None,
+                 p: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Mirror both left-right with probability p."""
+    if float(torch.rand((), generator=gen)) < p:
+        return image[:, ::-1], label[:, ::-1]
+    return image, label
+
+
+def color_jitter(image: np.ndarray, strength: float, gen: torch.Generator | None,
+                 bgr: bool = True) -> np.ndarray:
+    """Brightness, contrast and saturation factors each ~ U(max(0, 1 - s), 1 + s), applied in that order.
+
+    brightness: x * b; contrast: (x - mean(grey)) * c + mean(grey); saturation: (x - grey) * t + grey,
+    with grey = 0.299 R + 0.587 G + 0.114 B. Result clipped to 0..255 and returned as uint8.
+    """
+    lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
+    b, c, t = (_uniform(gen, lo, hi) for _ in range(3))
+    x = image.astype(np.float32) * b
+    weights = np.array([0.114, 0.587, 0.299] if bgr else [0.299, 0.587, 0.114], np.float32)
+    grey = x @ weights
+    x = (x - grey.mean()) * c + grey.mean()
+    grey = x @ weights
+    x = (x - grey[..., None]) * t + grey[..., None]
+    return np.clip(x + 0.5, 0, 255).astype(np.uint8)  # round half up
+
+
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(x - mean) / std per channel on 0..255 values; HxWx3 uint8 -> float32 tensor [3, H, W]."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).to(torch.float32)
+    x = (x - torch.tensor(mean, dtype=torch.float32)) / torch.tensor(std, dtype=torch.float32)
+    return x.permute(2, 0, 1).contiguous()
+
+
+@dataclass(frozen=True)
+class SegTransform:
+    """One pipeline; ``train=False`` (or all augmentation options off) gives resize + normalise only.
+
+    mean/std are in the channel order of the image fed in (BGR when ``bgr``), on 0..255 values.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    bgr: bool = False
+    size: tuple[int, int] | None = None
+    scale: tuple[float, float] | None = None
+    crop: tuple[int, int] | None = None
+    hflip: bool = False
+    color_jitter: float = 0.0
+    train: bool = False
+    ignore_index: int = 255
+
+    def resize_label(self, label: np.ndarray) -> np.ndarray:
+        """The deterministic part applied to a label (used for class counting)."""
+        return label if self.size is None else resize(None, label, self.size)[1]  # type: ignore[return-value]
+
+    def __call__(self, image: np.ndarray, label: np.ndarray, gen: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.size is not None:
+            image, label = resize(image, label, self.size)  # type: ignore[assignment]
+        if self.train:
+            if self.scale is not None:
+                image, label = random_scale(image, label, self.scale, gen)
+            if self.crop is not None:
+                image, label = random_crop(image, label, self.crop, gen, self.ignore_index)
+            if self.hflip:
+                image, label = random_hflip(image, label, gen)
+            if self.color_jitter > 0:
+                image = color_jitter(image, self.color_jitter, gen, bgr=self.bgr)
+        target = torch.from_numpy(np.ascontiguousarray(label)).to(torch.int64)
+        return normalize(image, self.mean, self.std), target
