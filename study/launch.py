@@ -81,7 +81,7 @@ def plan(grid: Grid) -> Plan:
     """Create the store/experiment once and split the grid into runs to submit and runs to skip."""
     spec0 = grid.runs[0].spec
     uri, exp_id = tracking.prepare(spec0.tracking.uri, spec0.tracking.experiment)
-    found = tracking.find_runs(uri, exp_id, [r.hash for r in grid.runs])
+    found = tracking.find_run_states(uri, exp_id)
     states = {r.hash: tracking.run_state(found.get(r.hash, [])) for r in grid.runs}
     submit = [r for r in grid.runs if states[r.hash] != "finished"]
     skip = [r for r in grid.runs if states[r.hash] == "finished"]
@@ -329,7 +329,10 @@ def _run_slurm(p: Plan, parent: str, fresh: bool, folder: Path, max_parallel, wa
     jobs, rows = [], []
     for runs in groups.values():
         res = runs[0].resources
-        executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm")
+        extra = {k.removeprefix("slurm_"): v for k, v in res.slurm.items()}
+        # requeues allowed after timeouts (submitit's default is 3); preemptions do not count
+        max_timeouts = int(extra.pop("max_num_timeout", 3))
+        executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm", slurm_max_num_timeout=max_timeouts)
         params: dict[str, Any] = {
             "timeout_min": res.timeout_min, "cpus_per_task": res.cpus, "mem_gb": res.mem_gb,
             "name": f"study-{p.grid.name}", "slurm_array_parallelism": max_parallel or res.max_parallel or 256,
@@ -340,7 +343,7 @@ def _run_slurm(p: Plan, parent: str, fresh: bool, folder: Path, max_parallel, wa
             params["slurm_partition"] = res.partition
         if res.account:
             params["slurm_account"] = res.account
-        params.update({k if k.startswith("slurm_") else f"slurm_{k}": v for k, v in res.slurm.items()})
+        params.update({f"slurm_{k}": v for k, v in extra.items()})
         executor.update_parameters(**params)
         for start in range(0, len(runs), limit):
             chunk = runs[start:start + limit]
@@ -378,7 +381,7 @@ def status(grid_path: str | Path, folder_root: str | Path = "submitit") -> list[
     rows = []
     for r in grid.runs:
         runs = found.get(r.hash, [])
-        state = tracking.run_state(runs)
+        state = tracking.run_state([x.info.status for x in runs])
         best = next((x for x in runs if x.info.status == "FINISHED"), runs[0] if runs else None)
         m = best.data.metrics if best else {}
         rows.append({

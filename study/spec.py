@@ -345,7 +345,10 @@ def read_yaml(path: str | Path) -> Any:
     try:
         return yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise SpecError(f"{path}: malformed YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(f"{path}: malformed YAML{where}: {problem}") from None
 
 
 def from_dict(raw: dict, where: str = "<spec>") -> RunSpec:

@@ -110,13 +110,7 @@ def cli_results(store, tmp_path_factory):
 CLI_CASES = ["malformed YAML", "unknown key", "missing data root", "grid with zero runs after excludes"]
 
 
-MULTILINE_YAML_ERROR = pytest.mark.xfail(
-    strict=True, reason="study.spec.read_yaml passes PyYAML's 7-line message through (the line number is on "
-    "its 2nd line); fix there: one line with the problem and line number")
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=MULTILINE_YAML_ERROR) if c == "malformed YAML" else c
-                                  for c in CLI_CASES])
+@pytest.mark.parametrize("case", CLI_CASES)
 def test_cli_launch_refuses_bad_grid(cli_results, case):
     """`study launch BAD.yaml`: exit 2, one `error:` line naming file and key, store untouched"""
     results, store_unchanged, root = cli_results
