@@ -145,12 +145,15 @@ def published_comparison(summary: pd.DataFrame, reference: Mapping | None = None
         return out
     published = {r["loss"]: r for r in reference["figure1"]}
     ours = ours.set_index("loss")
-    losses = sorted(set(published) | set(ours.index), key=loss_sort_key)
+    # a reproduction's label may carry its parameters ("focal(gamma=1.0)"): match on the loss name
+    covered = {str(label).split("(")[0] for label in ours.index}
+    losses = sorted(set(ours.index) | (set(published) - covered), key=loss_sort_key)
     rows = []
     for loss in losses:
         row: dict = {"loss": loss}
+        base = str(loss).split("(")[0]
         for m in ("miou", "macc"):
-            pub = float(published[loss][m]) if loss in published else float("nan")
+            pub = float(published[base][m]) if base in published else float("nan")
             rep = float(ours.at[loss, m]) if loss in ours.index else float("nan")
             row.update({f"{m}_published": pub, f"{m}_repro": rep, f"{m}_diff": rep - pub})
         row["n"] = int(ours.at[loss, "n"]) if loss in ours.index else 0

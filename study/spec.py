@@ -413,5 +413,19 @@ def flatten(raw: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def loss_label(spec: RunSpec) -> str:
+    """The loss name plus the parameters that differ from its defaults: ``recall(ema=0.5)``.
+
+    Tables group runs by this label, so variants of one loss stay apart.
+    """
+    from study.losses import LOSSES
+
+    defaults = {name: p.default for name, p in inspect.signature(LOSSES[spec.loss.name].__init__).parameters.items()}
+    changed = {k: v for k, v in sorted(spec.loss.params.items()) if defaults.get(k, inspect.Parameter.empty) != v}
+    if not changed:
+        return spec.loss.name
+    return f"{spec.loss.name}(" + ",".join(f"{k}={v}" for k, v in changed.items()) + ")"
+
+
 def run_name(spec: RunSpec) -> str:
-    return f"{spec.loss.name}/{spec.model.backbone}/{spec.data.name}/s{spec.seed}"
+    return f"{loss_label(spec)}/{spec.model.backbone}/{spec.data.name}/s{spec.seed}"

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from study import checkpoint as ckpt
 from study import tracking
-from study.spec import RunSpec, flatten, run_name, spec_hash, to_dict, to_yaml
+from study.spec import RunSpec, flatten, loss_label, run_name, spec_hash, to_dict, to_yaml
 
 
 class TrainingFailed(RuntimeError):
@@ -407,7 +407,8 @@ def _spec_tags(spec: RunSpec, grid: str | None) -> dict[str, Any]:
     """The run tags that depend on the spec alone (docs/architecture.md)."""
     tags: dict[str, Any] = {
         "study.spec_hash": spec_hash(spec),
-        "study.loss": spec.loss.name,
+        "study.loss": loss_label(spec),
+        "study.loss_name": spec.loss.name,
         "study.dataset": spec.data.name,
         "study.backbone": spec.model.backbone,
         "study.arch": spec.model.arch,

@@ -33,13 +33,13 @@ def test_run_logs_everything_to_mlflow(tiny):
     client = MlflowClient(spec.tracking.uri)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    assert run.info.run_name == "recall/resnet18/texdigits/s3"
+    assert run.info.run_name == "recall(ema=0.5)/resnet18/texdigits/s3"
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.name == "tests" and exp.tags["mlflow.experimentKind"] == "custom_model_development"
     tags = run.data.tags
     assert tags["study.spec_hash"] == spec_hash(spec)
-    assert (tags["study.loss"], tags["study.dataset"], tags["study.backbone"], tags["study.seed"]) == \
-        ("recall", "texdigits", "resnet18", "3")
+    assert (tags["study.loss"], tags["study.loss_name"], tags["study.dataset"], tags["study.backbone"],
+            tags["study.seed"]) == ("recall(ema=0.5)", "recall", "texdigits", "resnet18", "3")
     assert len(json.loads(tags["study.class_names"])) == 16
     assert "torch" in json.loads(tags["study.versions"]) and tags["study.iteration"] == "6"
     params = run.data.params
