@@ -159,14 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from study.launch import LaunchError
     from study.spec import SpecError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except SpecError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as err:
+    except (SpecError, LaunchError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

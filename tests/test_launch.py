@@ -162,3 +162,14 @@ def test_slurm_timeout_requeues_and_continues_same_run(slurm_cluster, tmp_path, 
     out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
     logs = "".join(p.read_text() for p in (tmp_path / "submitit").rglob("*_log.*"))
     assert "Restarts=1" in out or "SIGUSR2" in logs or "requeu" in logs.lower(), (out, logs[-2000:])
+
+
+def test_cli_slurm_without_sbatch_is_one_clear_error(tmp_path, tiny, monkeypatch, capsys):
+    from study.cli import main
+
+    path = grid_file(tmp_path, tiny, {"seed": [1]})
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert main(["launch", str(path), "--executor", "slurm"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "sbatch" in err and "--executor local" in err
+    assert not (tmp_path / "mlflow.db").exists()  # refused before the store was touched
