@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo report bench clean-runs
+.PHONY: setup test test-fast demo report bench device-check clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ report: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+# needs CUDA (exits 2 with one line without it); writes benchmarks/device.md. CPU rot check: --smoke
+device-check: $(STAMP)
+	$(PY) -m benchmarks.device
 
 clean-runs:
 	rm -rf mlflow.db mlartifacts checkpoints submitit

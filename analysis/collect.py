@@ -28,8 +28,8 @@ SPLITS: tuple[str, ...] = ("test", "val")
 SEARCH_PAGE_SIZE = 50_000  # MLflow's maximum page size
 
 RUN_COLUMNS: tuple[str, ...] = (
-    "run_id", "run_name", "status", "experiment_id", "parent_run_id", "grid", "spec_hash",
-    "loss", "dataset", "backbone", "arch", "seed", "iteration", "start_time", "end_time",
+    "run_id", "run_name", "status", "experiment_id", "parent_run_id", "grid", "spec_hash", "group",
+    "loss", "loss_name", "axes", "dataset", "backbone", "arch", "seed", "iteration", "start_time", "end_time",
     "metric_split", *SUMMARY_METRICS,
 )
 CLASS_COLUMNS: tuple[str, ...] = (
@@ -158,7 +158,11 @@ def collect(tracking_uri: str, experiment_ids: Sequence[str] | None = None,
             "parent_run_id": tags.get("mlflow.parentRunId"),
             "grid": tags.get("study.grid"),
             "spec_hash": tags["study.spec_hash"],
+            "group": tags.get("study.group") or "|".join(
+                str(tags.get(k)) for k in ("study.loss", "study.dataset", "study.backbone")),
             "loss": tags.get("study.loss"),
+            "loss_name": tags.get("study.loss_name") or str(tags.get("study.loss", "")).split("(")[0],
+            "axes": tags.get("study.axes") or "{}",
             "dataset": tags.get("study.dataset"),
             "backbone": tags.get("study.backbone"),
             "arch": tags.get("study.arch"),

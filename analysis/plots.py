@@ -252,3 +252,25 @@ def plot_training_curves(curves: pd.DataFrame, run_loss: Mapping[str, str], out_
         if title:
             fig.suptitle(title, fontsize=10)
         return save_figure(fig, out_base)
+
+
+def plot_figure1_agreement(pairs: pd.DataFrame, out_base: str | Path, title: str = "") -> list[Path]:
+    """Published Figure 1 value (x) vs this grid's value (y) per loss, for mIoU and mAcc (one setting).
+
+    A published point and its reproduction share the loss's colour; a monotone cloud means the grid
+    orders the losses as the paper did, whatever the scale (the ordering agreement table gives tau).
+    """
+    colors = loss_colors(sorted(set(pairs["loss"]), key=loss_sort_key))
+    with _style():
+        fig = _figure(9.0, 4.0)
+        for i, (m, label) in enumerate((("miou", "mIoU"), ("macc", "mAcc"))):
+            ax = fig.add_subplot(1, 2, i + 1)
+            for r in pairs.itertuples(index=False):
+                ax.plot(getattr(r, f"{m}_published"), getattr(r, f"{m}_repro"), "o", ms=7, color=colors[r.loss])
+                ax.annotate(r.figure1, (getattr(r, f"{m}_published"), getattr(r, f"{m}_repro")), fontsize=7,
+                            xytext=(4, 3), textcoords="offset points")
+            ax.set_xlabel(f"published {label} (Fig. 1, SYNTHIA) (%)")
+            ax.set_ylabel(f"this grid's {label} (%)")
+        if title:
+            fig.suptitle(title, fontsize=9)
+        return save_figure(fig, out_base)

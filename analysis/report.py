@@ -12,8 +12,8 @@ so running twice on the same store gives identical files.
 from __future__ import annotations
 
 import json
-
 import re
+import warnings
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -93,7 +93,35 @@ def _join(values) -> str:
     return ", ".join(str(v) for v in values)
 
 
-def write_report(tracking_uri: str, out_dir: str | Path, grid: str | None = None,
+def _agreement_block(summary, agreement, reference, out: Path) -> list[str]:
+    """The ordering-agreement section: Kendall's tau per setting and metric, and its figure."""
+    if agreement.empty:
+        return []
+    lines = ["## Ordering agreement with Figure 1\n",
+             "What this shows: how far this grid orders the losses as the paper's Figure 1 does, whatever "
+             "the scale: Kendall's tau between the published and the reproduced values over the Figure 1 losses "
+             "present (1 = same order, 0 = unrelated, -1 = reversed), with its two-sided p-value.\n",
+             tables.to_markdown(agreement)]
+    pairs = tables.figure1_pairs(summary, reference)
+    for setting, g in pairs.groupby("setting", sort=True):
+        if len(g) < 3:
+            continue
+        fig = f"figures/figure1_agreement_{_slug(setting)}"
+        plots.plot_figure1_agreement(g, out / fig, title=f"Figure 1 (SYNTHIA) vs {setting}")
+        lines.append(_figure_block(fig, "Figure 1 agreement", (
+            "Each loss's published value (x) against this grid's mean (y), same colour per loss: "
+            "a rising cloud is an agreeing order.")))
+    return lines
+
+
+def _design(grid) -> tuple[str | None, dict | None]:
+    """(grid name, spec hash -> {axes, role}) of a loaded grid; a plain name has no design."""
+    if grid is None or isinstance(grid, str):
+        return grid, None
+    return grid.name, {r.hash: {"axes": r.axes, "role": r.role} for r in grid.runs}
+
+
+def write_report(tracking_uri: str, out_dir: str | Path, grid=None,
                  experiment_names: Sequence[str] | None = None,
                  experiment_ids: Sequence[str] | None = None, parent_run_id: str | None = None,
                  split: str = "test",
@@ -101,15 +129,22 @@ def write_report(tracking_uri: str, out_dir: str | Path, grid: str | None = None
                  reference: Mapping | None = None, include_unfinished: bool = False) -> Path:
     """Collect the runs, write all tables, figures and ``out_dir/README.md``; return its path.
 
-    ``class_frequency`` maps data set -> {class: pixel share} to order classes (see
-    ``class_frequency_for`` for the default). Raises ValueError when no run matches.
+    ``grid``: a loaded :class:`study.grid.Grid` (its runs, axes and claims roles define the report's
+    rows) or a grid name. ``class_frequency`` maps data set -> {class: pixel share} to order classes
+    (see ``class_frequency_for`` for the default). Raises ValueError when no run matches.
     """
     out = Path(out_dir)
+    grid, design = _design(grid)
     reference = tables.load_reference() if reference is None else reference
     col = collect(tracking_uri, experiment_ids=experiment_ids, experiment_names=experiment_names,
                   parent_run_id=parent_run_id, grid=grid, split=split,
                   include_unfinished=include_unfinished)
     runs = col.runs
+    if design is not None:
+        runs = runs[runs["spec_hash"].isin(set(design))].reset_index(drop=True)
+    runs = tables.annotate_design(runs, design)
+    col.classes = col.classes[col.classes["run_id"].isin(set(runs["run_id"]))].copy()
+    col.classes["loss"] = col.classes["run_id"].map(dict(zip(runs["run_id"], runs["loss"])))
     if runs.empty:
         raise ValueError(f"write_report: no {'' if include_unfinished else 'finished '}runs match "
                          f"grid={grid!r}, experiment_names={experiment_names}, "
@@ -120,8 +155,20 @@ def write_report(tracking_uri: str, out_dir: str | Path, grid: str | None = None
     summary = tables.summary_table(runs)
     claims = tables.claims_table(runs, reference)
     published = tables.published_comparison(summary, reference)
+    agreement = tables.ordering_agreement(summary, reference)
     all_tables: dict[str, pd.DataFrame] = {"summary": summary, "claims": claims,
-                                           "published_comparison": published}
+                                           "published_comparison": published, "ordering_agreement": agreement}
+    agreement_block = _agreement_block(summary, agreement, reference, out)
+    share = tables.supervision_share(runs)
+    share_block = []
+    if not share.empty and (share["supervision"] != "full").any():
+        all_tables["supervision_share"] = share
+        share_block = ["## Share of full supervision\n",
+                       "What this shows: each method's test mIoU as a percentage of the full-label CE run of the same "
+                       "seed, data set and backbone (mean ± sd over paired seeds) — the number the weakly "
+                       "supervised literature reports. Scribbles label a few % of the training pixels "
+                       "(metric `data/labelled_fraction/train` of each run).\n",
+                       tables.to_markdown(share)]
     settings = sorted(set(zip(runs["dataset"], runs["backbone"])))
     sections: list[str] = []
     for dataset, backbone in settings:
@@ -146,8 +193,9 @@ def write_report(tracking_uri: str, out_dir: str | Path, grid: str | None = None
             "Each loss's mean over seeds with ± sd error bars; up-and-right is better on both. "
             "Hollow markers are the paper's Figure 1 values, drawn only for the paper's setting.")))
 
-        recall_losses = sorted(l for l in set(srun["loss"]) if str(l).startswith("recall"))
-        rl = "recall" if "recall" in recall_losses else (recall_losses[0] if recall_losses else None)
+        declared = sorted(set(srun[srun["role"] == "recall"]["loss"]))
+        family = sorted(set(srun[srun["loss_name"].isin(["recall", "recall_focal"])]["loss"]))
+        rl = declared[0] if declared else (family[0] if family else None)
         if rl is not None:
             rids = sorted(srun[srun["loss"] == rl]["run_id"])
             wc = curves(tracking_uri, rids, [f"recall_weight/{c}" for c in names])
@@ -221,6 +269,8 @@ def write_report(tracking_uri: str, out_dir: str | Path, grid: str | None = None
         "What this shows: mIoU, mAcc and mPrec per loss (mean, sd, 95 % CI half-width, n seeds) "
         "and the relative change of the mean against CE on the same data set and backbone.\n",
         tables.to_markdown(summary),
+        *share_block,
+        *agreement_block,
         "## Published numbers (Figure 1)\n",
         "What this shows: the paper's digitised Figure 1 beside this reproduction, only where "
         "the setting matches the paper's.\n",
@@ -232,4 +282,101 @@ def write_report(tracking_uri: str, out_dir: str | Path, grid: str | None = None
     ]
     readme = out / "README.md"
     readme.write_text("\n".join(head) + "\n" + "\n".join(body), encoding="utf-8")
+    if grid:
+        try:
+            publish_to_parent_run(tracking_uri, out, grid, claims_view, summary,
+                                  _experiment_ids(tracking_uri, experiment_ids, experiment_names, runs))
+        except Exception as err:  # noqa: BLE001 - the report on disk is complete; the UI copy is extra
+            warnings.warn(f"report written to {out}, but not logged to the grid's parent run: {err}", stacklevel=2)
     return readme
+
+
+# ----------------------------------------------------------------------------- the report in the MLflow UI
+
+#: MLflow keeps at most 8000 characters of a tag value; the description stays below.
+DESCRIPTION_CHARS = 7500
+#: Columns of the claims table left to tables/claims.md (the description keeps verdicts and numbers).
+CLAIM_DETAIL_COLUMNS = ("published", "test")
+HEADLINE_COLUMNS = ("miou", "miou_std", "macc", "macc_std", "mprec", "mprec_std", "miou_rel_ce")
+
+
+def _experiment_ids(tracking_uri: str, ids, names, runs: pd.DataFrame) -> list[str]:
+    """The experiments to search for the grid's parent run: those given, else those of the runs."""
+    from mlflow.tracking import MlflowClient
+
+    found = [str(i) for i in ids or []]
+    client = MlflowClient(tracking_uri)
+    for name in names or []:
+        exp = client.get_experiment_by_name(name)
+        if exp is not None:
+            found.append(exp.experiment_id)
+    if not found and "experiment_id" in runs:
+        found = sorted(set(runs["experiment_id"].dropna().astype(str)))
+    return sorted(set(found))
+
+
+def grid_parent_run_id(tracking_uri: str, experiment_ids: Sequence[str], grid_name: str) -> str | None:
+    """The run tagged ``study.grid_parent`` = ``grid_name`` (created by the launcher), or None."""
+    from mlflow.tracking import MlflowClient
+
+    if not experiment_ids:
+        return None
+    runs = MlflowClient(tracking_uri).search_runs(
+        list(experiment_ids), filter_string=f"tags.`study.grid_parent` = '{grid_name}'", max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def fit_table(view: pd.DataFrame, budget: int, where: str) -> str:
+    """``view`` as markdown, its rows cut to fit ``budget`` characters; a cut table names ``where``
+    the rest is."""
+    for n in range(len(view), 0, -1):
+        text = tables.to_markdown(view.head(n))
+        if n < len(view):
+            text += f"\n*{len(view) - n} more row(s) in {where}.*\n"
+        if len(text) <= budget:
+            return text
+    return f"*See {where}.*\n"
+
+
+def headline_view(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary's setting columns, the means and sds, and mIoU vs CE."""
+    prefixes = tuple(f"{m}_" for m in tables.METRICS)
+    keep = [c for c in summary.columns if c not in tables.METRICS and not c.startswith(prefixes)]
+    return summary[keep + [c for c in HEADLINE_COLUMNS if c in summary.columns]]
+
+
+def parent_description(grid_name: str, claims: pd.DataFrame, summary: pd.DataFrame, run_id: str,
+                       figure: str | None) -> str:
+    """The grid parent run's description (markdown): the claims verdicts, the headline numbers
+    (summary mean and sd per setting, in %), one figure, and where the full report is."""
+    parts = [f"## Results of grid `{grid_name}`\n",
+             "Full report: artifacts `README.md`, `tables/`, `figures/` of this run (`study report`).\n",
+             "### Claims of the paper\n",
+             fit_table(claims.drop(columns=[c for c in CLAIM_DETAIL_COLUMNS if c in claims.columns]),
+                       DESCRIPTION_CHARS // 2, "tables/claims.md"),
+             "Tests and published values: tables/claims.md.\n"]
+    if figure:
+        parts.append(f"![{figure}](get-artifact?path={figure}&run_uuid={run_id})\n")
+    used = sum(len(p) + 1 for p in parts) + 200
+    parts += ["### Headline numbers (mean and sd over seeds, %)\n",
+              fit_table(headline_view(summary), max(DESCRIPTION_CHARS - used, 0), "tables/summary.md")]
+    return "\n".join(parts)
+
+
+def publish_to_parent_run(tracking_uri: str, out_dir: Path, grid_name: str, claims: pd.DataFrame,
+                          summary: pd.DataFrame, experiment_ids: Sequence[str]) -> str | None:
+    """Log ``README.md``, ``tables/`` and ``figures/`` of ``out_dir`` as artifacts of the grid's parent
+    run and set its description (``mlflow.note.content``); returns its id, None without a parent run."""
+    from mlflow.tracking import MlflowClient
+
+    run_id = grid_parent_run_id(tracking_uri, experiment_ids, grid_name)
+    if run_id is None:
+        return None
+    client = MlflowClient(tracking_uri)
+    client.log_artifact(run_id, str(out_dir / "README.md"))
+    for folder in ("tables", "figures"):
+        client.log_artifacts(run_id, str(out_dir / folder), folder)
+    figs = sorted((out_dir / "figures").glob("miou_macc*.png")) or sorted((out_dir / "figures").glob("*.png"))
+    figure = f"figures/{figs[0].name}" if figs else None
+    client.set_tag(run_id, "mlflow.note.content", parent_description(grid_name, claims, summary, run_id, figure))
+    return run_id

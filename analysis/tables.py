@@ -13,6 +13,7 @@ All metric values in the tables are percentages (MLflow holds fractions; see ``a
 """
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -61,31 +62,99 @@ def ci95_halfwidth(std: float, n: int) -> float:
     return float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
 
 
+SHOWN_ELSEWHERE = ("seed", "loss", "loss.name", "data.name", "model.backbone")
+
+
+def annotate_design(runs: pd.DataFrame, design: Mapping[str, Mapping] | None = None) -> pd.DataFrame:
+    """Add the grid's design to the runs: ``axes`` (dict), ``context``, ``role`` and a unique ``loss`` label.
+
+    ``design`` maps spec hash -> {"axes": {dotted path: value}, "role": "recall" | "ce" | None} (from
+    the grid file); runs it does not cover use their ``study.axes`` tag and the default roles (the
+    plain ``recall`` and ``ce`` labels). ``context`` = the axes other than seed, loss, data set and
+    backbone ("" when none), so rows of one table differ only in what the grid varied. Two groups
+    (runs equal but for the seed, ``group``) never share a row: a label shared by several groups in
+    one context gets the group's id appended.
+    """
+    design = design or {}
+    out = runs.copy()
+    if "spec_hash" not in out.columns:
+        out["spec_hash"] = out["run_id"] if "run_id" in out.columns else range(len(out))
+    if "axes" not in out.columns:
+        out["axes"] = "{}"
+    if "group" not in out.columns:
+        out["group"] = out["loss"].astype(str) + "|" + out["dataset"].astype(str) + "|" + out["backbone"].astype(str)
+    if "loss_name" not in out.columns:
+        out["loss_name"] = out["loss"]
+    axes = [design[h]["axes"] if h in design else (a if isinstance(a, dict) else json.loads(a or "{}"))
+            for h, a in zip(out["spec_hash"], out["axes"])]
+    out["axes"] = axes
+    out["context"] = [", ".join(f"{k}={v}" for k, v in sorted(a.items()) if k not in SHOWN_ELSEWHERE) for a in axes]
+    default_role = {"recall": "recall", BASELINE: "ce"}
+    out["role"] = [design[h].get("role") if h in design else default_role.get(loss)
+                   for h, loss in zip(out["spec_hash"], out["loss"])]
+    if not out.empty:
+        key = ["dataset", "backbone", "context", "loss"]
+        clash = out.groupby(key, dropna=False)["group"].transform("nunique") > 1
+        out.loc[clash, "loss"] = out.loc[clash, "loss"] + " #" + out.loc[clash, "group"].str[:6]
+    return out
+
+
+def _context_columns(runs: pd.DataFrame) -> list[str]:
+    """The varied axes to show as columns (dotted paths other than seed, loss, data set, backbone)."""
+    if "axes" not in runs.columns:
+        return []
+    keys = {k for a in runs["axes"] for k in (a if isinstance(a, dict) else {}) if k not in SHOWN_ELSEWHERE}
+    return sorted(keys)
+
+
+def _group_row(g: pd.DataFrame, axis_cols: list[str]) -> dict:
+    """One summary row: per metric mean/std/ci95 over seeds (each seed averaged first), in %."""
+    first = g.iloc[0]
+    row: dict = {"loss": first["loss"], "dataset": first["dataset"], "backbone": first["backbone"]}
+    for col in axis_cols:
+        row[col] = first["axes"].get(col) if isinstance(first["axes"], dict) else None
+    per_seed = g.groupby("seed")[list(METRICS)].mean()
+    row["n"] = int(len(per_seed))
+    for m in METRICS:
+        v = 100.0 * per_seed[m].astype(float).dropna().to_numpy()
+        n = len(v)
+        mean = float(v.mean()) if n else float("nan")
+        std = float(v.std(ddof=1)) if n > 1 else float("nan")
+        row.update({m: mean, f"{m}_std": std, f"{m}_ci95": ci95_halfwidth(std, n)})
+    return row
+
+
 def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per loss x dataset x backbone: n seeds and, per metric, mean/std/ci95/rel_ce in %."""
-    cols = ["loss", "dataset", "backbone", "n"]
+    """One row per combination of the grid's axes other than seed (never pooling runs whose resolved
+    settings differ in anything but the seed): n seeds and, per metric, mean/std/ci95/rel_ce in %.
+
+    ``rel_ce`` compares with the CE row (role ``ce``) of the same data set, backbone and context.
+    """
+    if "context" not in runs.columns:
+        runs = annotate_design(runs)
+    axis_cols = _context_columns(runs)
+    cols = ["loss", "dataset", "backbone", *axis_cols, "n"]
     for m in METRICS:
         cols += [m, f"{m}_std", f"{m}_ci95", f"{m}_rel_ce"]
     if runs.empty:
         return pd.DataFrame(columns=cols)
-    rows = []
-    for (loss, dataset, backbone), g in runs.groupby(["loss", "dataset", "backbone"], sort=True):
-        row: dict = {"loss": loss, "dataset": dataset, "backbone": backbone,
-                     "n": int(g["seed"].nunique())}
-        for m in METRICS:
-            v = 100.0 * g[m].astype(float).dropna().to_numpy()
-            n = len(v)
-            mean = float(v.mean()) if n else float("nan")
-            std = float(v.std(ddof=1)) if n > 1 else float("nan")
-            row.update({m: mean, f"{m}_std": std, f"{m}_ci95": ci95_halfwidth(std, n)})
-        rows.append(row)
+    rows, roles, contexts = [], [], []
+    for _, g in runs.groupby(["dataset", "backbone", "context", "loss"], sort=True, dropna=False):
+        rows.append(_group_row(g, axis_cols))
+        roles.append(g["role"].iloc[0])
+        contexts.append(g["context"].iloc[0])
     out = pd.DataFrame(rows)
+    out.attrs["loss_names"] = dict(zip(runs["loss"], runs["loss_name"])) if "loss_name" in runs else {}
+    out.attrs["roles"] = dict(zip(runs["loss"], runs["role"]))
+    base_rows = {(r["dataset"], r["backbone"], c): r for r, role, c in zip(rows, roles, contexts) if role == "ce"}
     for m in METRICS:
-        base = out[out["loss"] == BASELINE].set_index(["dataset", "backbone"])[m]
-        ref = pd.Series([base.get((d, b), np.nan) for d, b in zip(out["dataset"], out["backbone"])],
-                        index=out.index, dtype=float)
+        ref = pd.Series([base_rows.get((r["dataset"], r["backbone"], c), {}).get(m, np.nan)
+                         for r, c in zip(rows, contexts)], index=out.index, dtype=float)
         out[f"{m}_rel_ce"] = 100.0 * (out[m] - ref) / ref
-    return _sort_losses(out[cols], "dataset", "backbone")
+    attrs = dict(out.attrs)
+    out = _sort_losses(out[cols], "dataset", "backbone", *axis_cols)
+    out.attrs.update(attrs)
+    return out
 
 
 def per_class_table(classes: pd.DataFrame, metric: str,
@@ -145,13 +214,21 @@ def published_comparison(summary: pd.DataFrame, reference: Mapping | None = None
         return out
     published = {r["loss"]: r for r in reference["figure1"]}
     ours = ours.set_index("loss")
-    # a reproduction's label may carry its parameters ("focal(gamma=1.0)"): match on the loss name
-    covered = {str(label).split("(")[0] for label in ours.index}
+    names, roles = summary.attrs.get("loss_names", {}), summary.attrs.get("roles", {})
+
+    def published_name(label: str) -> str | None:
+        """The Figure 1 loss a row reproduces: by component name; for recall only the declared variant."""
+        name = names.get(label, label)
+        if name == RECALL_LOSS and roles.get(label) != "recall":
+            return None
+        return name
+
+    covered = {published_name(label) for label in ours.index}
     losses = sorted(set(ours.index) | (set(published) - covered), key=loss_sort_key)
     rows = []
     for loss in losses:
         row: dict = {"loss": loss}
-        base = str(loss).split("(")[0]
+        base = published_name(loss) if loss in ours.index else loss
         for m in ("miou", "macc"):
             pub = float(published[base][m]) if base in published else float("nan")
             rep = float(ours.at[loss, m]) if loss in ours.index else float("nan")
@@ -164,11 +241,61 @@ def published_comparison(summary: pd.DataFrame, reference: Mapping | None = None
     return out
 
 
-def _paired(runs: pd.DataFrame, loss: str, base: str, metric: str) -> pd.DataFrame:
-    a = runs[runs["loss"] == loss].groupby("seed")[metric].mean()
-    b = runs[runs["loss"] == base].groupby("seed")[metric].mean()
+def figure1_pairs(summary: pd.DataFrame, reference: Mapping | None = None) -> pd.DataFrame:
+    """Rows of ``summary`` matched to Figure 1's losses (by component name; recall = the declared role),
+    one per (dataset, backbone, loss): columns setting, loss, figure1 loss, miou/macc published and repro."""
+    reference = load_reference() if reference is None else reference
+    published = {r["loss"]: r for r in reference.get("figure1", [])}
+    names, roles = summary.attrs.get("loss_names", {}), summary.attrs.get("roles", {})
+    rows = []
+    for r in summary.itertuples(index=False):
+        name = names.get(r.loss, r.loss)
+        if name not in published or (name == RECALL_LOSS and roles.get(r.loss, "recall") != "recall"):
+            continue
+        rows.append({"setting": f"{r.dataset}/{r.backbone}", "loss": r.loss, "figure1": name,
+                     "miou_published": float(published[name]["miou"]), "miou_repro": float(r.miou),
+                     "macc_published": float(published[name]["macc"]), "macc_repro": float(r.macc)})
+    cols = ["setting", "loss", "figure1", "miou_published", "miou_repro", "macc_published", "macc_repro"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def ordering_agreement(summary: pd.DataFrame, reference: Mapping | None = None) -> pd.DataFrame:
+    """Kendall's tau-b between Figure 1's order of the losses and this grid's, per setting and metric.
+
+    tau = (concordant - discordant pairs) / sqrt((n0 - ties_x)(n0 - ties_y)) over the losses present in
+    both (scipy.stats.kendalltau, exact two-sided p-value for small n without ties). A setting with
+    fewer than 3 matched losses (or two matches of one Figure 1 loss) is not scored.
+    """
+    pairs = figure1_pairs(summary, reference)
+    rows = []
+    for setting, g in pairs.groupby("setting", sort=True):
+        for m in ("miou", "macc"):
+            row = {"setting": setting, "metric": LABELS[m], "n_losses": len(g), "tau": np.nan,
+                   "p_value": np.nan, "note": ""}
+            if len(g) < 3 or g["figure1"].duplicated().any():
+                row["note"] = ("fewer than 3 Figure 1 losses" if len(g) < 3
+                               else "a Figure 1 loss has several variants here")
+            else:
+                res = stats.kendalltau(g[f"{m}_published"], g[f"{m}_repro"])
+                row.update(tau=float(res.statistic), p_value=float(res.pvalue),
+                           note="two-sided test of tau = 0")
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["setting", "metric", "n_losses", "tau", "p_value", "note"])
+
+
+def _paired(a_runs: pd.DataFrame, b_runs: pd.DataFrame, metric: str) -> pd.DataFrame:
+    a = a_runs.groupby("seed")[metric].mean()
+    b = b_runs.groupby("seed")[metric].mean()
     pairs = pd.concat({"loss": a, "base": b}, axis=1, join="inner").dropna()
     return 100.0 * pairs.sort_index()
+
+
+def _side(sub: pd.DataFrame, claim: dict) -> pd.DataFrame:
+    """The runs of a claim's loss in one setting: the declared recall variant (role) or a weighted loss
+    with its default parameters."""
+    if claim["loss"] == RECALL_LOSS:
+        return sub[sub["role"] == "recall"]
+    return sub[sub["loss"] == claim["loss"]]
 
 
 def paired_one_sided_p(diff: np.ndarray, alternative: str, shift: float = 0.0) -> float:
@@ -225,25 +352,33 @@ def claims_table(runs: pd.DataFrame, reference: Mapping | None = None) -> pd.Dat
     no finished run in the setting or fewer than 2 seeds are paired (``note`` says which).
     """
     reference = load_reference() if reference is None else reference
-    settings = sorted(set(zip(runs["dataset"], runs["backbone"]))) if not runs.empty else []
+    if "role" not in runs.columns:
+        runs = annotate_design(runs)
+    settings = sorted(set(zip(runs["dataset"], runs["backbone"], runs["context"]))) if not runs.empty else []
     rows = []
     for claim in CLAIMS:
-        for dataset, backbone in settings or [("-", "-")]:
-            sub = runs[(runs["dataset"] == dataset) & (runs["backbone"] == backbone)] \
+        for dataset, backbone, context in settings or [("-", "-", "")]:
+            sub = runs[(runs["dataset"] == dataset) & (runs["backbone"] == backbone) & (runs["context"] == context)] \
                 if settings else runs
+            side, base = _side(sub, claim), sub[sub["role"] == "ce"]
+            name = sorted(set(side["loss"]))[0] if side["loss"].nunique() == 1 else claim["loss"]
+            setting = f"{dataset}/{backbone}" + (f" [{context}]" if context else "")
             row = {"claim_id": claim["id"], "claim": claim["claim"],
-                   "setting": f"{dataset}/{backbone}", "comparison": f"{claim['loss']} vs ce",
+                   "setting": setting, "comparison": f"{name} vs ce",
                    "metric": LABELS[claim["metric"]], "verdict": "not testable",
                    "loss_mean": np.nan, "ce_mean": np.nan, "diff": np.nan,
                    "rel_change": np.nan, "published": _published_text(claim, reference),
                    "test": claim["test"], "p_value": np.nan, "n_pairs": 0, "note": ""}
-            missing = [x for x in (claim["loss"], BASELINE) if x not in set(sub["loss"])]
-            if missing:
-                row["note"] = (f"no finished {' or '.join(missing)} runs on {dataset}/{backbone}"
-                               if settings else "no finished runs")
+            missing = [x for x, part in ((claim["loss"], side), (BASELINE, base)) if part.empty]
+            several = [x for x, part in ((claim["loss"], side), (BASELINE, base)) if part["group"].nunique() > 1]
+            if missing or several:
+                row["note"] = (f"no finished {' or '.join(missing)} runs on {setting}" if missing and settings
+                               else "no finished runs" if missing
+                               else f"several {' and '.join(several)} variants match on {setting}: declare one "
+                                    f"in the grid's claims section")
                 rows.append(row)
                 continue
-            pairs = _paired(sub, claim["loss"], BASELINE, claim["metric"])
+            pairs = _paired(side, base, claim["metric"])
             n = len(pairs)
             row["n_pairs"] = n
             if n:
@@ -362,3 +497,34 @@ def write_tables(tables: Mapping[str, pd.DataFrame], out_dir: str | Path) -> dic
         written[name] = paths
     return written
 
+
+
+def supervision_share(runs: pd.DataFrame) -> pd.DataFrame:
+    """Each weakly supervised method's mIoU as a share of full supervision, per data set and backbone.
+
+    Full supervision = the runs with ``data.supervision: full`` and plain CE. share = 100 * mIoU(method) /
+    mIoU(full) computed per seed (paired by seed), then mean and sd over seeds; ``n`` = paired seeds.
+    Empty when the runs hold no ``params.data.supervision`` column or no full-supervision CE.
+    """
+    cols = ["dataset", "backbone", "loss", "supervision", "miou", "share", "share_std", "n"]
+    key = "params.data.supervision"
+    if runs.empty or key not in runs.columns:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for (dataset, backbone), g in runs.groupby(["dataset", "backbone"], sort=True):
+        full = g[(g[key] == "full") & (g["loss"] == BASELINE)].groupby("seed")["miou"].mean()
+        if full.empty:
+            continue
+        for (loss, sup), m in g.groupby(["loss", key], sort=False):
+            per_seed = m.groupby("seed")["miou"].mean()
+            pairs = pd.concat({"m": per_seed, "full": full}, axis=1, join="inner").dropna()
+            share = 100.0 * pairs["m"] / pairs["full"]
+            rows.append({"dataset": dataset, "backbone": backbone, "loss": loss, "supervision": sup,
+                         "miou": 100.0 * float(per_seed.mean()), "share": float(share.mean()) if len(share) else np.nan,
+                         "share_std": float(share.std(ddof=1)) if len(share) > 1 else np.nan, "n": int(len(share))})
+    out = pd.DataFrame(rows, columns=cols)
+    if out.empty:
+        return out
+    out["_full"] = (out["supervision"] != "full").astype(int)
+    return out.sort_values(["dataset", "backbone", "_full", "share"], ascending=[True, True, True, False],
+                           kind="mergesort").drop(columns="_full").reset_index(drop=True)

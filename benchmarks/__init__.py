@@ -12,4 +12,5 @@ BENCHMARKS: dict[str, str] = {
     "grid": "grid_plan",
     "collect": "collect",
     "memory": "memory",
+    "weak_losses": "weak_losses",
 }

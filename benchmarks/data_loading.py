@@ -19,7 +19,8 @@ from benchmarks._demo import demo_spec
 from study.data import build_datasets
 from study.losses import build_loss
 from study.models import build_model
-from study.train import IterationBatchSampler, SeededSamples, build_optimizer
+from study.optim import build_optimizer
+from study.train import IterationBatchSampler, SeededSamples
 
 NAME = "data_loading"
 
@@ -44,7 +45,7 @@ def run(quick: bool = False) -> list[Row]:
     model.train()
     loss_fn = build_loss(spec.loss.name, bundle.num_classes, ignore_index=bundle.ignore_index,
                          **dict(spec.loss.params))
-    opt = build_optimizer(spec, model.parameters())
+    opt = build_optimizer(spec.train.optimizer, model.parameters())
 
     def produce() -> None:
         for _ in range(n_batches):

@@ -28,10 +28,11 @@ from torch.utils.data import DataLoader
 from benchmarks._common import ROOT_ENV, Row, Stats, interleaved, paired_ratio
 from benchmarks._demo import ROOT, demo_spec
 from study.data import build_datasets
-from study.losses import NEEDS_CLASS_COUNTS, build_loss
+from study.losses import LOSSES, build_loss
 from study.models import build_model
 from study.spec import RunSpec
-from study.train import (IterationBatchSampler, SeededSamples, build_optimizer, build_scheduler, seed_everything,
+from study.optim import build_optimizer, build_scheduler
+from study.train import (IterationBatchSampler, SeededSamples, seed_everything,
                          train)
 
 NAME = "harness"
@@ -45,11 +46,11 @@ def bare_loop(spec: RunSpec, iterations: int | None = None) -> float:
     model = build_model(spec.model.arch, spec.model.backbone, bundle.num_classes, spec.model.output_stride,
                         spec.model.pretrained)
     params = dict(spec.loss.params)
-    if spec.loss.name in NEEDS_CLASS_COUNTS:
+    if "class_counts" in LOSSES[spec.loss.name].needs:
         params["class_counts"] = [int(c) for c in bundle.class_counts]
     loss_fn = build_loss(spec.loss.name, bundle.num_classes, ignore_index=bundle.ignore_index, **params)
-    optimizer = build_optimizer(spec, model.parameters())
-    scheduler = build_scheduler(spec, optimizer)
+    optimizer = build_optimizer(spec.train.optimizer, model.parameters())
+    scheduler = build_scheduler(spec.train, optimizer)
     total = iterations or spec.train.iterations
     loader = DataLoader(SeededSamples(bundle.train),
                         batch_sampler=IterationBatchSampler(len(bundle.train), spec.train.batch_size, spec.seed,

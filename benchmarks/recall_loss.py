@@ -8,7 +8,7 @@ The released code's recall loss (PotatoTian/recall-semseg, ``ptsemseg/loss``) is
 :func:`released_recall_loss` as a reference: argmax over the classes, ``torch.unique`` of the target
 and of the false-negative pixels (boolean-mask gather), counters that start at 1 and are filled per
 class in a Python loop, then plain CE weighted per pixel and averaged over all pixels. Its ignore
-handling crashes as released (DESIGN.md §1, flaw 3), so here ignored pixels are left out of the
+handling crashes as released (the released recall loss crashes on them), so here ignored pixels are left out of the
 counts and get weight 0, which is what ``RecallLoss(official_compat=True)`` computes; the benchmark
 checks the two agree before timing them.
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the Debian packages the test suite needs (one-node Slurm, munge, chromium), as root.
+# Install the Debian packages the test suite needs (one-node Slurm with accounting, munge, chromium), as root.
 # Idempotent: packages already installed are skipped; `apt-get update` runs at most once per call
 # and only when something is missing. Usage: sudo scripts/ci-apt.sh [EXTRA_PACKAGE...]
 set -euo pipefail
@@ -8,6 +8,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 PACKAGES=(
   slurmctld slurmd slurm-client munge   # a real one-node Slurm cluster (scripts/slurm-local.sh)
+  slurmdbd mariadb-server               # its job accounting (sacct), stored in a private MariaDB
   chromium chromium-driver              # browser tests of the MLflow UI
   procps                                # pgrep/ps used by slurm-local.sh
   "$@"

@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
-# A one-node Slurm cluster from Debian's packages (slurmctld slurmd slurm-client munge), run as root,
-# with every piece of state (slurm.conf, munge key/socket, spool, state, logs, pids) in STATE_DIR.
+# A one-node Slurm cluster with job accounting, from Debian's packages (slurmctld slurmd slurm-client
+# munge slurmdbd mariadb-server), run as root, with every piece of state (slurm.conf, slurmdbd.conf,
+# munge key/socket, MariaDB data, spool, state, logs, pids) in STATE_DIR.
 #
 #   eval "$(scripts/slurm-local.sh start [STATE_DIR])"   # prints `export SLURM_CONF=...` lines
+#                                        # (again, restarting nothing, when STATE_DIR's cluster is up)
 #   scripts/slurm-local.sh status [STATE_DIR]
 #   scripts/slurm-local.sh stop [STATE_DIR]              # kills the daemons, removes nothing
 #
 # STATE_DIR defaults to a fresh `mktemp -d` on start, and to $SLURM_LOCAL_STATE_DIR for status/stop.
 # Environment knobs (all optional):
-#   SLURMCTLD_PORT, SLURMD_PORT  ports (default: a free pair picked at random in 20000-29999)
+#   SLURMCTLD_PORT, SLURMD_PORT  ports (default: four free consecutive ports picked at random in
+#   SLURMDBD_PORT, MYSQL_PORT    20000-29999; when SLURMCTLD_PORT is given the others follow it: +1, +2, +3)
 #   SLURM_LOCAL_CPUS             CPUs of the node (default: what `slurmd -C` detects)
 #   SLURM_LOCAL_MEM_MB           RealMemory of the node (default: 90 % of MemTotal)
 #   SLURM_LOCAL_CRED_EXPIRE      credential lifetime = delay before a requeued job may start (default 10 s)
 #   SLURM_LOCAL_START_TIMEOUT    seconds to wait for the node to be idle (default 60)
-# Recipe and reasons: ../shared/DESIGN.md section 3. Accounting is off: `sacct` fails, submitit
-# warns and reports state UNKNOWN, results are still collected from its pickles.
+# Accounting: slurmdbd stores jobs in a private MariaDB (mariadbd on 127.0.0.1:MYSQL_PORT, data in
+# STATE_DIR/mysql, user `slurm` with a random password kept in STATE_DIR/mysql/slurm.pass), so `sacct`
+# answers and submitit reads job states from it. The cluster `recallstudy` and the account `study` are
+# created with `sacctmgr -i` on the first start of a STATE_DIR; later starts reuse the database.
 # Timeout signals (submitit's --signal=USR2@DELAY) come from slurmctld's time-limit pass, run every
 # 30 s: USR2 arrives DELAY..DELAY+30 s before the limit, so DELAY + 30 s must fit inside the job.
 # A requeued job may start again cred_expire + 1 s later, at the next scheduler pass (every 5 s).
@@ -27,7 +32,8 @@ log() { echo "$PROG: $*" >&2; }
 
 need_bins() {
   local missing=()
-  for b in slurmctld slurmd munged sbatch srun sinfo scontrol squeue scancel; do
+  for b in slurmctld slurmd slurmdbd munged mariadbd mariadb-install-db mariadb sbatch srun sinfo scontrol squeue \
+           scancel sacct sacctmgr; do
     command -v "$b" >/dev/null 2>&1 || missing+=("$b")
   done
   [ "${#missing[@]}" -eq 0 ] || die "missing binaries: ${missing[*]} (install with scripts/ci-apt.sh)"
@@ -42,18 +48,22 @@ pick_ports() {
   if [ -n "${SLURMCTLD_PORT:-}" ] || [ -n "${SLURMD_PORT:-}" ]; then
     CTLD_PORT=${SLURMCTLD_PORT:-6817}
     SLURMD_PORT_=${SLURMD_PORT:-$((CTLD_PORT + 1))}
+    DBD_PORT=${SLURMDBD_PORT:-$((CTLD_PORT + 2))}
+    MYSQL_PORT_=${MYSQL_PORT:-$((CTLD_PORT + 3))}
     port_free "$CTLD_PORT" || die "SlurmctldPort $CTLD_PORT is in use"
     port_free "$SLURMD_PORT_" || die "SlurmdPort $SLURMD_PORT_ is in use"
+    port_free "$DBD_PORT" || die "DbdPort $DBD_PORT is in use"
+    port_free "$MYSQL_PORT_" || die "MariaDB port $MYSQL_PORT_ is in use"
     return
   fi
   local i p
   for i in $(seq 1 50); do
     p=$((20000 + RANDOM % 10000))
-    if port_free "$p" && port_free "$((p + 1))"; then
-      CTLD_PORT=$p; SLURMD_PORT_=$((p + 1)); return
+    if port_free "$p" && port_free "$((p + 1))" && port_free "$((p + 2))" && port_free "$((p + 3))"; then
+      CTLD_PORT=$p; SLURMD_PORT_=$((p + 1)); DBD_PORT=$((p + 2)); MYSQL_PORT_=$((p + 3)); return
     fi
   done
-  die "no free port pair found in 20000-29999"
+  die "no four free consecutive ports found in 20000-29999"
 }
 
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
@@ -104,8 +114,14 @@ SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
+# accounting through slurmdbd (sacct); per-task usage read from /proc (no cgroups in a container)
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=localhost
+AccountingStoragePort=$DBD_PORT
+# the munge socket for connections to slurmdbd (AuthInfo is not used for them)
+AccountingStoragePass=$STATE_DIR/munge/munge.socket
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=30
 JobCompType=jobcomp/none
 MpiDefault=none
 SelectType=select/cons_tres
@@ -136,24 +152,24 @@ start_daemon() {  # name, command...  (foreground daemon, detached, own session,
   echo $! >"$STATE_DIR/run/$name.daemon.pid"
 }
 
-cmd_start() {
-  need_bins
-  if [ -z "${STATE_DIR:-}" ]; then
-    STATE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/slurm-local.XXXXXX")
-  fi
-  mkdir -p "$STATE_DIR"
-  STATE_DIR=$(cd "$STATE_DIR" && pwd)
-  for d in munged slurmctld slurmd; do
-    pid_alive "$STATE_DIR/run/$d.daemon.pid" && die "$d already running for $STATE_DIR (stop it first)"
-  done
-  mkdir -p "$STATE_DIR"/{munge,state,spool/slurmd,run,log}
-  chmod 700 "$STATE_DIR/munge"
-  local t0=$SECONDS
-  pick_ports
-  write_conf
-  export SLURM_CONF="$STATE_DIR/slurm.conf"
+fail_start() {  # message: show logs, stop what started, die
+  show_logs; cmd_stop >/dev/null 2>&1 || true
+  die "$* (logs above; state in $STATE_DIR)"
+}
 
-  # munge: private key and socket; --force because it runs as root with a key outside /etc/munge
+wait_for() {  # what, seconds, command...: poll the command every 0.2 s until it succeeds
+  local what=$1 limit=$2 t0=$SECONDS d; shift 2
+  until "$@" >/dev/null 2>&1; do
+    for d in "${DAEMONS[@]}"; do
+      [ -f "$STATE_DIR/run/$d.daemon.pid" ] || continue
+      pid_alive "$STATE_DIR/run/$d.daemon.pid" || fail_start "$d exited while waiting for $what"
+    done
+    [ $((SECONDS - t0)) -lt "$limit" ] || fail_start "$what not ready after ${limit}s"
+    sleep 0.2
+  done
+}
+
+start_munge() {  # private key and socket; --force because it runs as root with a key outside /etc/munge
   if [ ! -f "$STATE_DIR/munge/munge.key" ]; then
     dd if=/dev/urandom of="$STATE_DIR/munge/munge.key" bs=1024 count=1 status=none
     chmod 400 "$STATE_DIR/munge/munge.key"
@@ -162,29 +178,126 @@ cmd_start() {
     --socket="$STATE_DIR/munge/munge.socket" --key-file="$STATE_DIR/munge/munge.key" \
     --pid-file="$STATE_DIR/run/munged.pid" --seed-file="$STATE_DIR/munge/munged.seed" \
     --log-file="$STATE_DIR/log/munged.log"
-  local i
-  for i in $(seq 1 100); do [ -S "$STATE_DIR/munge/munge.socket" ] && break; sleep 0.1; done
-  [ -S "$STATE_DIR/munge/munge.socket" ] || { show_logs; die "munged did not create its socket"; }
+}
+
+mariadb_opts() {  # server options: loopback only, small and unsynced (a throw-away test database)
+  echo --no-defaults --datadir="$STATE_DIR/mysql/data" --user=root --skip-name-resolve \
+    --innodb-buffer-pool-size=64M --innodb-log-file-size=16M --innodb-flush-log-at-trx-commit=0 \
+    --innodb-doublewrite=0 --skip-log-bin --innodb-lock-wait-timeout=900
+}
+
+sql() {  # run SQL as MariaDB's root through the private socket (unix_socket authentication)
+  mariadb --no-defaults --user=root --socket="$STATE_DIR/mysql/mysqld.sock" -e "$1"
+}
+
+start_mariadb() {  # data directory created once; user `slurm` (re)granted on every start
+  if [ ! -d "$STATE_DIR/mysql/data/mysql" ]; then
+    # shellcheck disable=SC2046
+    mariadb-install-db $(mariadb_opts) --auth-root-authentication-method=socket --skip-test-db \
+      >"$STATE_DIR/log/mariadb-install.log" 2>&1 || fail_start "mariadb-install-db failed"
+  fi
+  [ -f "$STATE_DIR/mysql/slurm.pass" ] \
+    || (umask 077; od -An -tx1 -N16 /dev/urandom | tr -d ' \n' >"$STATE_DIR/mysql/slurm.pass")
+  # shellcheck disable=SC2046
+  start_daemon mariadbd mariadbd $(mariadb_opts) --socket="$STATE_DIR/mysql/mysqld.sock" \
+    --port="$MYSQL_PORT_" --bind-address=127.0.0.1 --pid-file="$STATE_DIR/run/mariadbd.pid" \
+    --log-error="$STATE_DIR/log/mariadbd.log"
+}
+
+grant_slurm_user() {
+  local pass; pass=$(cat "$STATE_DIR/mysql/slurm.pass")
+  sql "CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$pass';
+       ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$pass';
+       GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';" || fail_start "could not create MariaDB user slurm"
+}
+
+write_dbd_conf() {  # slurmdbd reads slurmdbd.conf beside $SLURM_CONF; it must be 600 and owned by SlurmUser
+  (umask 077; cat >"$STATE_DIR/slurmdbd.conf" <<EOF
+# generated by scripts/slurm-local.sh; state dir $STATE_DIR
+AuthType=auth/munge
+AuthInfo=socket=$STATE_DIR/munge/munge.socket
+DbdHost=localhost
+DbdAddr=127.0.0.1
+DbdPort=$DBD_PORT
+SlurmUser=root
+LogFile=$STATE_DIR/log/slurmdbd.log
+PidFile=$STATE_DIR/run/slurmdbd.pid
+DebugLevel=info
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$MYSQL_PORT_
+StorageUser=slurm
+StoragePass=$(cat "$STATE_DIR/mysql/slurm.pass")
+StorageLoc=slurm_acct_db
+EOF
+  )
+}
+
+register_cluster() {  # cluster and account in the accounting database, once per STATE_DIR
+  local cluster
+  cluster=$(sed -n 's/^ClusterName=//p' "$SLURM_CONF")
+  if [ -z "$(sacctmgr -n -P show cluster "$cluster" format=Cluster 2>/dev/null)" ]; then
+    sacctmgr -i add cluster "$cluster" >/dev/null || fail_start "sacctmgr add cluster $cluster failed"
+  fi
+  if [ -z "$(sacctmgr -n -P show account study format=Account 2>/dev/null)" ]; then
+    sacctmgr -i add account study Cluster="$cluster" Description="recall-study jobs" Organization=recallstudy \
+      >/dev/null || fail_start "sacctmgr add account study failed"
+    sacctmgr -i add user "$(id -un)" Account=study Cluster="$cluster" >/dev/null \
+      || fail_start "sacctmgr add user $(id -un) failed"
+  fi
+}
+
+node_ready() {  # idle; or mixed/allocated when a reused STATE_DIR brought back jobs
+  case "$(sinfo -h -n localhost -o %T 2>/dev/null || true)" in
+    idle | mixed | allocated | completing) return 0 ;;
+  esac
+  return 1
+}
+
+DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
+
+cmd_start() {
+  need_bins
+  if [ -z "${STATE_DIR:-}" ]; then
+    STATE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/slurm-local.XXXXXX")
+  fi
+  mkdir -p "$STATE_DIR"
+  STATE_DIR=$(cd "$STATE_DIR" && pwd)
+  local d alive=()
+  for d in "${DAEMONS[@]}"; do
+    pid_alive "$STATE_DIR/run/$d.daemon.pid" && alive+=("$d")
+  done
+  if [ "${#alive[@]}" -eq "${#DAEMONS[@]}" ] && SLURM_CONF="$STATE_DIR/slurm.conf" node_ready; then
+    log "already running for $STATE_DIR"  # start is idempotent: same exports, nothing restarted
+    echo "export SLURM_CONF=$STATE_DIR/slurm.conf"
+    echo "export SLURM_LOCAL_STATE_DIR=$STATE_DIR"
+    return 0
+  fi
+  [ "${#alive[@]}" -eq 0 ] || die "${alive[*]} already running for $STATE_DIR, not all daemons are (stop it first)"
+  mkdir -p "$STATE_DIR"/{munge,mysql,state,spool/slurmd,run,log}
+  rm -f "$STATE_DIR"/run/*.pid
+  chmod 700 "$STATE_DIR/munge" "$STATE_DIR/mysql"
+  local t0=$SECONDS timeout=${SLURM_LOCAL_START_TIMEOUT:-60}
+  pick_ports
+  write_conf
+  export SLURM_CONF="$STATE_DIR/slurm.conf"
+
+  start_munge
+  start_mariadb
+  wait_for "munged's socket" "$timeout" test -S "$STATE_DIR/munge/munge.socket"
+  wait_for "MariaDB" "$timeout" mariadb-admin --no-defaults --user=root --socket="$STATE_DIR/mysql/mysqld.sock" ping
+  grant_slurm_user
+  write_dbd_conf
+  start_daemon slurmdbd slurmdbd -D
+  wait_for "slurmdbd" "$timeout" sacctmgr -n -P show cluster format=Cluster
+  register_cluster
 
   # -i: ignore state left by an earlier run in the same STATE_DIR
   start_daemon slurmctld slurmctld -D -i -f "$SLURM_CONF"
   start_daemon slurmd slurmd -D -N localhost -f "$SLURM_CONF"
-
-  local timeout=${SLURM_LOCAL_START_TIMEOUT:-60} state=""
-  while :; do
-    state=$(sinfo -h -n localhost -o %T 2>/dev/null || true)
-    # idle; or mixed/allocated when a reused STATE_DIR brought back jobs
-    case "$state" in idle | mixed | allocated | completing) break ;; esac
-    for d in munged slurmctld slurmd; do
-      pid_alive "$STATE_DIR/run/$d.daemon.pid" || { show_logs; cmd_stop >/dev/null 2>&1 || true; die "$d exited during start-up (logs above; state in $STATE_DIR)"; }
-    done
-    if [ $((SECONDS - t0)) -ge "$timeout" ]; then
-      show_logs; cmd_stop >/dev/null 2>&1 || true
-      die "node not idle after ${timeout}s (sinfo state: '${state:-none}'; logs above; state in $STATE_DIR)"
-    fi
-    sleep 0.3
-  done
-  log "cluster up in $((SECONDS - t0))s (node $state): ctld port $CTLD_PORT, slurmd port $SLURMD_PORT_, state $STATE_DIR"
+  wait_for "an idle node (sinfo)" "$timeout" node_ready
+  log "cluster up in $((SECONDS - t0))s (node $(sinfo -h -n localhost -o %T)): ctld port $CTLD_PORT," \
+    "slurmd port $SLURMD_PORT_, slurmdbd port $DBD_PORT, MariaDB port $MYSQL_PORT_, state $STATE_DIR"
   echo "export SLURM_CONF=$SLURM_CONF"
   echo "export SLURM_LOCAL_STATE_DIR=$STATE_DIR"
 }
@@ -207,19 +320,10 @@ cmd_stop() {
       done
     fi
   fi
-  # TERM all three at once (each takes ~2 s to exit), KILL what is left after 10 s
-  local d pid pids=()
-  for d in slurmd slurmctld munged; do
-    if pid_alive "$STATE_DIR/run/$d.daemon.pid"; then
-      pid=$(cat "$STATE_DIR/run/$d.daemon.pid")
-      kill -TERM "$pid" 2>/dev/null || true
-      pids+=("$pid"); log "stopping $d (pid $pid)"
-    fi
-  done
-  for pid in "${pids[@]}"; do
-    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null && log "killed pid $pid" || true; fi
-  done
+  # TERM the Slurm daemons at once (each takes ~2 s to exit), then the services they report to (slurmctld
+  # sends its last records to slurmdbd, both authenticate through munged); KILL what is left after 10 s
+  term_daemons slurmd slurmctld
+  term_daemons slurmdbd mariadbd munged
   # leftover slurmstepd of this cluster (normally none: jobs were cancelled above, but slurmctld may
   # be dead): they keep slurmd's log open; kill them with their job processes
   local p victims=()
@@ -232,6 +336,21 @@ cmd_stop() {
     kill -KILL "${victims[@]}" 2>/dev/null || true
     log "killed leftover slurmstepd and job processes: ${victims[*]}"
   fi
+}
+
+term_daemons() {  # daemon names: TERM them all, wait up to 10 s each, then KILL
+  local d pid pids=()
+  for d in "$@"; do
+    if pid_alive "$STATE_DIR/run/$d.daemon.pid"; then
+      pid=$(cat "$STATE_DIR/run/$d.daemon.pid")
+      kill -TERM "$pid" 2>/dev/null || true
+      pids+=("$pid"); log "stopping $d (pid $pid)"
+    fi
+  done
+  for pid in "${pids[@]}"; do
+    for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid" 2>/dev/null && log "killed pid $pid" || true; fi
+  done
 }
 
 holds_file() {  # true when process $1 has file $2 open
@@ -253,7 +372,7 @@ cmd_status() {
   [ -n "${STATE_DIR:-}" ] || die "status: give STATE_DIR or set SLURM_LOCAL_STATE_DIR"
   export SLURM_CONF="$STATE_DIR/slurm.conf"
   local d rc=0
-  for d in munged slurmctld slurmd; do
+  for d in "${DAEMONS[@]}"; do
     if pid_alive "$STATE_DIR/run/$d.daemon.pid"; then
       echo "$d: running (pid $(cat "$STATE_DIR/run/$d.daemon.pid"))"
     else

@@ -11,23 +11,30 @@ overrides:                      # applied in order to every combination they mat
     set: {train.optimizer.lr: 1.0e-4, resources.timeout_min: 120}
 exclude:                        # combinations matching any rule are dropped
   - {loss.name: ohem, model.backbone: paper_resnet18}
+claims:                         # which runs are "the recall loss" and "CE" for the paper's claims
+  recall: {loss.name: recall, loss.params.official_compat: true}   # matched on resolved settings
+  ce: {loss.name: ce}
 resources: {cpus: 2, gpus: 0, mem_gb: 8, timeout_min: 60, partition: null, account: null, slurm: {}}
 ```
 
 Every expanded spec is validated before anything is submitted; errors name the grid file and the
-combination. Two combinations resolving to the same run (same spec hash) are an error.
+combination. Two combinations resolving to the same run (same spec hash) are an error, and so is an
+``overrides``/``exclude`` rule or a ``claims`` selector that matches no combination (a typo would
+otherwise be ignored without a word). Each run carries its combination (``GridRun.axes``: dotted
+path -> value label, the loss axis labelled by its resolved loss label) and its claims role.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from study.spec import RunSpec, SpecError, _build, from_dict, merge, read_yaml, set_path, spec_hash
+from study.spec import (RunSpec, SpecError, _build, from_dict, loss_label, merge, plain_copy, read_yaml, set_path,
+                        spec_hash, to_dict)
 
 
 class GridError(SpecError):
@@ -45,11 +52,12 @@ class Resources:
     partition: str | None = None
     account: str | None = None
     max_parallel: int | None = None
+    runs_per_gpu: int = 1
     slurm: dict = field(default_factory=dict, hash=False, compare=True)
 
     def key(self) -> tuple:
         return (self.cpus, self.gpus, self.mem_gb, self.timeout_min, self.partition, self.account,
-                tuple(sorted((k, repr(v)) for k, v in self.slurm.items())))
+                self.runs_per_gpu, tuple(sorted((k, repr(v)) for k, v in self.slurm.items())))
 
 
 @dataclass
@@ -58,6 +66,15 @@ class GridRun:
     hash: str
     combination: dict[str, Any]
     resources: Resources
+    role: str | None = None
+
+    @property
+    def axes(self) -> dict[str, Any]:
+        """The grid combination: dotted path -> value label (what ``study.axes`` records)."""
+        return self.combination
+
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.combination.items())
 
 
 @dataclass
@@ -66,9 +83,14 @@ class Grid:
     path: Path
     runs: list[GridRun]
     resources: Resources
+    claims: dict[str, dict] = field(default_factory=dict)
 
 
-GRID_KEYS = ("name", "base", "axes", "overrides", "exclude", "resources")
+GRID_KEYS = ("name", "base", "axes", "overrides", "exclude", "claims", "resources")
+CLAIM_ROLES = ("recall", "ce")
+GRID_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+DEFAULT_CLAIMS = {"recall": {"loss.name": "recall", "loss.label": "recall"},
+                  "ce": {"loss.name": "ce", "loss.label": "ce"}}
 
 
 def _get(raw: dict, dotted: str) -> Any:
@@ -103,15 +125,96 @@ def _assign(raw: dict, dotted: str, value: Any) -> dict:
                 current = {k: v for k, v in current.items() if k != "params"}
             value = merge(current, value)
     else:
-        value = copy.deepcopy(value)
+        value = plain_copy(value)
     set_path(raw, dotted, value)
     return raw
 
 
-def _label(value: Any) -> Any:
-    if isinstance(value, dict) and "name" in value and len(value) <= 2:
-        return value["name"] if not value.get("params") else f"{value['name']}{value['params']}"
+def _check_rules(where: str, axes: Any, overrides: Any, excludes: Any, claims: Any) -> None:
+    if not isinstance(axes, dict) or any(not isinstance(v, list) or not v for v in axes.values()):
+        raise GridError(f"{where}: axes: expected a mapping of dotted paths to non-empty lists")
+    if not isinstance(overrides, list) or not isinstance(excludes, list):
+        raise GridError(f"{where}: {'overrides' if not isinstance(overrides, list) else 'exclude'}: expected a list")
+    for i, rule in enumerate(overrides):
+        if not isinstance(rule, dict) or set(rule) - {"when", "set"} or not isinstance(rule.get("set"), dict):
+            raise GridError(f"{where}: overrides[{i}]: expected {{when: {{path: value}}, set: {{path: value}}}}")
+    for i, rule in enumerate(excludes):
+        if not isinstance(rule, dict) or not rule:
+            raise GridError(f"{where}: exclude[{i}]: expected a mapping of dotted paths to values")
+    if not isinstance(claims, dict) or set(claims) - set(CLAIM_ROLES) or \
+            not all(isinstance(v, dict) and v for v in claims.values()):
+        raise GridError(f"{where}: claims: expected {{recall: {{path: value}}, ce: {{path: value}}}} "
+                        f"(allowed roles: {', '.join(CLAIM_ROLES)})")
+
+
+def _resolved_view(spec: RunSpec) -> dict:
+    """The resolved settings a claims selector is matched against (plus ``loss.label``)."""
+    view = to_dict(spec)
+    view["loss"]["label"] = loss_label(spec)
+    view["loss"].update({f"params.{k}": v for k, v in view["loss"]["params"].items()})
+    return view
+
+
+def _selector_matches(view: dict, rule: dict) -> bool:
+    for dotted, accepted in rule.items():
+        head, _, rest = dotted.partition(".")
+        value = view.get(head, {}).get(rest) if rest.startswith("params.") else _get(view, dotted)
+        options = accepted if isinstance(accepted, list) else [accepted]
+        if value not in options:
+            return False
+    return True
+
+
+def _role(spec: RunSpec, claims: dict) -> str | None:
+    view = _resolved_view(spec)
+    for role, rule in claims.items():
+        if _selector_matches(view, rule):
+            return role
+    return None
+
+
+def _expand(base: dict, axes: dict, overrides: list, excludes: list, base_resources: dict,
+            used: tuple[set, set]):
+    """Yield (combination values, spec mapping, resources mapping); adds the indices of the override and
+    exclude rules that matched some combination to ``used``."""
+    names = list(axes)
+    used_overrides, used_excludes = used
+    for values in itertools.product(*(axes[n] for n in names)):
+        spec_raw = plain_copy(base)
+        for n, v in zip(names, values):
+            spec_raw = _assign(spec_raw, n, v)
+        resources_raw = plain_copy(base_resources)
+        for i, rule in enumerate(overrides):
+            if _matches(spec_raw, rule.get("when") or {}):
+                used_overrides.add(i)
+                for dotted, v in rule["set"].items():
+                    if dotted.startswith("resources."):
+                        set_path(resources_raw, dotted[len("resources."):], v)
+                    else:
+                        spec_raw = _assign(spec_raw, dotted, v)
+        hit = [i for i, rule in enumerate(excludes) if _matches(spec_raw, rule)]
+        used_excludes.update(hit)
+        if not hit:
+            yield dict(zip(names, values)), spec_raw, resources_raw
+
+
+def _axis_label(dotted: str, value: Any, spec: RunSpec) -> Any:
+    if dotted == "loss" or dotted == "loss.name":
+        return loss_label(spec)
+    if isinstance(value, dict):
+        return "/".join(str(v) for v in value.values())
     return value
+
+
+def _refuse_unused(where: str, overrides: list, excludes: list, used: tuple[set, set]) -> None:
+    for i, rule in enumerate(overrides):
+        if i not in used[0]:
+            raise GridError(f"{where}: overrides[{i}]: 'when' {rule.get('when')} matches no combination "
+                            f"(allowed: values the axes and base produce)")
+    for i, rule in enumerate(excludes):
+        if i not in used[1]:
+            raise GridError(f"{where}: exclude[{i}]: {rule} matches no combination "
+                            f"(allowed: values the axes and base produce)")
 
 
 def load_grid(path: str | Path) -> Grid:
@@ -120,48 +223,33 @@ def load_grid(path: str | Path) -> Grid:
     where = str(path)
     raw = read_yaml(path)
     if not isinstance(raw, dict):
-        raise GridError(f"{where}: a grid must be a mapping with keys {', '.join(GRID_KEYS)}")
-    unknown = sorted(set(raw) - set(GRID_KEYS))
+        raise GridError(f"{where}: grid: expected a mapping with keys {', '.join(GRID_KEYS)}")
+    unknown = sorted(set(raw) - set(GRID_KEYS), key=str)
     if unknown:
-        raise GridError(f"{where}: unknown key '{unknown[0]}' (allowed: {', '.join(GRID_KEYS)})")
+        raise GridError(f"{where}: {unknown[0]}: unknown key (allowed: {', '.join(GRID_KEYS)})")
     name = raw.get("name") or path.stem
-    base = raw.get("base") or {}
-    axes = raw.get("axes") or {}
-    overrides = raw.get("overrides") or []
-    excludes = raw.get("exclude") or []
-    if not isinstance(axes, dict) or any(not isinstance(v, list) or not v for v in axes.values()):
-        raise GridError(f"{where}: key 'axes': expected a mapping of dotted paths to non-empty lists")
-    for i, rule in enumerate(overrides):
-        if not isinstance(rule, dict) or set(rule) - {"when", "set"} or not isinstance(rule.get("set"), dict):
-            raise GridError(f"{where}: key 'overrides[{i}]': expected {{when: {{path: value}}, set: {{path: value}}}}")
-    for i, rule in enumerate(excludes):
-        if not isinstance(rule, dict) or not rule:
-            raise GridError(f"{where}: key 'exclude[{i}]': expected a mapping of dotted paths to values")
+    if not isinstance(name, str) or not GRID_NAME.match(name):
+        raise GridError(f"{where}: name: {str(name)[:60]!r} is not a valid grid name (allowed: 1-64 letters, "
+                        f"digits, '_', '-', '.')")
+    base, axes = raw.get("base") or {}, raw.get("axes") or {}
+    overrides, excludes = raw.get("overrides") or [], raw.get("exclude") or []
+    claims = raw.get("claims") or {}
+    _check_rules(where, axes, overrides, excludes, claims)
+    claims = {**DEFAULT_CLAIMS, **claims}
     try:
         base_resources = _build(Resources, raw.get("resources") or {}, "resources", where)
     except SpecError as err:
         raise GridError(str(err)) from None
+    if base_resources.runs_per_gpu < 1:
+        raise GridError(f"{where}: resources.runs_per_gpu: {base_resources.runs_per_gpu} is out of range "
+                        f"(allowed: an integer >= 1)")
 
-    base_resources_raw = dataclasses.asdict(base_resources)
     runs: list[GridRun] = []
-    seen: dict[str, dict] = {}
-    names = list(axes)
-    for values in itertools.product(*(axes[n] for n in names)):
-        combination = {n: _label(v) for n, v in zip(names, values)}
-        spec_raw = copy.deepcopy(base)
-        for n, v in zip(names, values):
-            spec_raw = _assign(spec_raw, n, v)
-        resources_raw = copy.deepcopy(base_resources_raw)
-        for rule in overrides:
-            if _matches(spec_raw, rule.get("when") or {}):
-                for dotted, v in rule["set"].items():
-                    if dotted.startswith("resources."):
-                        set_path(resources_raw, dotted[len("resources."):], v)
-                    else:
-                        spec_raw = _assign(spec_raw, dotted, v)
-        if any(_matches(spec_raw, rule) for rule in excludes):
-            continue
-        label = ", ".join(f"{k}={v}" for k, v in combination.items())
+    seen: dict[str, str] = {}
+    used: tuple[set, set] = (set(), set())
+    combos = _expand(base, axes, overrides, excludes, dataclasses.asdict(base_resources), used)
+    for values, spec_raw, resources_raw in combos:
+        label = ", ".join(f"{k}={_raw_label(v)}" for k, v in values.items())
         try:
             spec = from_dict(spec_raw, f"{where} [{label}]")
             resources = _build(Resources, resources_raw, "resources", f"{where} [{label}]")
@@ -169,11 +257,18 @@ def load_grid(path: str | Path) -> Grid:
             raise GridError(str(err)) from None
         h = spec_hash(spec)
         if h in seen:
-            other = ", ".join(f"{k}={v}" for k, v in seen[h].items())
-            raise GridError(f"{where}: combinations [{other}] and [{label}] resolve to the same run (hash {h}); "
+            raise GridError(f"{where}: combinations [{seen[h]}] and [{label}] resolve to the same run (hash {h}); "
                             f"remove one or make them differ")
-        seen[h] = combination
-        runs.append(GridRun(spec, h, combination, resources))
+        seen[h] = label
+        combination = {k: _axis_label(k, v, spec) for k, v in values.items()}
+        runs.append(GridRun(spec, h, combination, resources, _role(spec, claims)))
+    _refuse_unused(where, overrides, excludes, used)
     if not runs:
-        raise GridError(f"{where}: the grid expands to zero runs (check 'axes' and 'exclude')")
-    return Grid(name=name, path=path, runs=runs, resources=base_resources)
+        raise GridError(f"{where}: axes: the grid expands to zero runs (check 'axes' and 'exclude')")
+    return Grid(name=name, path=path, runs=runs, resources=base_resources, claims=claims)
+
+
+def _raw_label(value: Any) -> Any:
+    if isinstance(value, dict) and "name" in value and len(value) <= 2:
+        return value["name"] if not value.get("params") else f"{value['name']}{value['params']}"
+    return value

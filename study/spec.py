@@ -1,13 +1,19 @@
-"""Run specification: typed schema, loading with validation, canonical form and identity hash.
+"""Run specification: typed sections, loading with validation, canonical form and identity hash.
 
 A run spec is a YAML mapping with the sections ``data``, ``model``, ``loss``, ``train``,
-``tracking`` and the scalar ``seed``. Every key is checked against the dataclasses below: unknown
-keys, wrong types and values outside the allowed choices raise :class:`SpecError`, whose message
-names the file, the dotted key path and the allowed values.
+``tracking`` and the scalar ``seed``. The harness-wide fields are the dataclasses below; the
+settings of each chosen component (the loss's parameters, the data set's own options, the
+optimizer's and the schedule's) are owned by that component's entry (``study.components``) and
+resolved through it. Every problem is a :class:`SpecError` whose message reads
+``<file>: <dotted key>: <what is wrong> (allowed: ...)``.
 
-``spec_hash(spec)`` is the run's identity: SHA-256 of the canonical JSON of the resolved spec
-(defaults filled in, keys sorted) without the fields in ``NON_IDENTITY_FIELDS``, which do not change
-results (where things are stored, how many loader workers, logging cadence).
+Identity (``spec_hash``): SHA-256 of the canonical JSON of the run's *signature*: the resolved
+settings that differ from their defaults (as Dora does), without the fields that do not change
+results (``NON_IDENTITY_FIELDS``), with the settings of unchosen components left out, and with a
+fingerprint of the data's content in place of its folder (``study.data.data_fingerprint``). So
+equal runs spelled differently (``gamma: 2`` vs ``2.0`` vs left out) share one hash, the same spec
+on other data is another run, and a new setting whose default keeps today's behaviour renames no
+finished run. Changing a *default* changes what old runs mean: bump ``HASH_VERSION`` then.
 """
 
 from __future__ import annotations
@@ -16,45 +22,47 @@ import copy
 import dataclasses
 import functools
 import hashlib
-import inspect
 import json
-import types
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+from study.components import SettingError, coerce, describe
+
+HASH_VERSION = 2
 
 
 class SpecError(ValueError):
     """A run spec (or grid) is invalid; the message names file, key path and allowed values."""
 
 
-# ----------------------------------------------------------------------------- schema
+def spec_error(where: str, err: SettingError, prefix: str = "") -> SpecError:
+    """``SettingError`` -> ``SpecError`` reading ``where: prefix.key: what (allowed: ...)``."""
+    e = err.under(prefix) if prefix else err
+    return SpecError(f"{where}: {e}")
 
 
-@dataclass
-class TexDigitsSpec:
-    num_train: int = 160
-    num_val: int = 32
-    num_test: int = 32
-    height: int = 128
-    width: int = 256
-    profile: str = "synthia"
-    seed: int = 0
+# ----------------------------------------------------------------------------- sections
 
 
 @dataclass
 class DataSpec:
+    """Harness-wide data options; ``name`` picks the data set entry that owns the rest.
+
+    The data set's own options (``texdigits``, ``void``, ``split_mode``, ``split_seed``, ``splits``)
+    are written flat in this section, as before, and resolved by its entry (``study.data.DATASETS``);
+    options of other data sets are refused.
+    """
+
     name: str = "texdigits"
     root: str = "data/texdigits"
-    splits: dict = field(default_factory=lambda: {"train": "train", "val": "val", "test": "test"})
-    split_mode: str = "paper"
-    split_seed: int = 0
     size: list[int] | None = None
-    void: str = "train"
-    class_counts: str = "train"
+    class_counts: Literal["train", "val_first_image"] = "train"
     mean: list[float] | None = None
     std: list[float] | None = None
     bgr: bool | None = None
@@ -62,7 +70,19 @@ class DataSpec:
     scale: list[float] | None = None
     crop: list[int] | None = None
     color_jitter: float = 0.0
-    texdigits: TexDigitsSpec = field(default_factory=TexDigitsSpec)
+    scale_set: list[float] | None = None
+    crop_small: Literal["pad", "upscale"] = "pad"
+    augment_order: Literal["scale_crop_flip_jitter", "jitter_flip_scale_crop"] = "scale_crop_flip_jitter"
+    supervision: Literal["full", "scribble"] = "full"
+    # owned by the data set entries (resolved there; the defaults of the chosen entry fill them)
+    texdigits: dict | None = None
+    void: str | None = None
+    split_mode: str | None = None
+    split_seed: int | None = None
+    splits: dict | None = None
+
+
+DATA_SET_KEYS = ("texdigits", "void", "split_mode", "split_seed", "splits")
 
 
 @dataclass
@@ -71,6 +91,7 @@ class ModelSpec:
     backbone: str = "resnet18"
     output_stride: int = 16
     pretrained: str | None = None
+    decoder: Literal["smp", "official"] = "smp"
 
 
 @dataclass
@@ -81,19 +102,26 @@ class LossSpec:
 
 @dataclass
 class OptimizerSpec:
+    """``name`` picks the optimizer entry; ``momentum`` is a setting of ``sgd`` only."""
+
     name: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
-    momentum: float = 0.9
+    momentum: float | None = None
 
 
 @dataclass
 class TrainSpec:
+    """The loop's settings. GPU step options (``study.accel``): ``channels_last``, ``compile``
+    (torch.compile of the model), ``fused_optimizer``, ``tf32``, ``cudnn_benchmark`` (fixed shapes),
+    ``deterministic``; all off by default, which keeps the identity of existing runs; off CUDA they
+    do nothing but ``channels_last`` and ``compile``."""
+
     iterations: int = 1000
     batch_size: int = 6
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     schedule: str = "constant"
-    poly_power: float = 0.9
+    poly_power: float | None = None
     eval_interval: int = 500
     eval_batch_size: int | None = None
     log_interval: int = 10
@@ -101,7 +129,13 @@ class TrainSpec:
     workers: int = 0
     threads: int | None = None
     amp: bool = False
-    device: str = "auto"
+    channels_last: bool = False
+    compile: bool = False
+    fused_optimizer: bool = False
+    tf32: bool = False
+    cudnn_benchmark: bool = False
+    deterministic: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     num_overlays: int = 4
 
 
@@ -111,6 +145,8 @@ class TrackingSpec:
     uri: str = "sqlite:///mlflow.db"
     checkpoint_root: str = "checkpoints"
     log_checkpoint: bool = True
+    system_metrics: bool = False
+    system_metrics_interval: float = 5.0
 
 
 @dataclass
@@ -122,17 +158,6 @@ class RunSpec:
     seed: int = 1337
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
 
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.split_mode": ("paper", "by_stream", "manifest"),
-    "data.void": ("train", "ignore"),
-    "data.class_counts": ("train", "val_first_image"),
-    "data.texdigits.profile": ("synthia", "uniform"),
-    "model.output_stride": ("8", "16", "32"),
-    "train.optimizer.name": ("adam", "adamw", "sgd"),
-    "train.schedule": ("constant", "poly"),
-    "train.device": ("auto", "cpu", "cuda"),
-}
 
 #: Dotted paths that do not change results and so are not part of the identity hash.
 NON_IDENTITY_FIELDS = (
@@ -146,64 +171,7 @@ NON_IDENTITY_FIELDS = (
 )
 
 
-# ----------------------------------------------------------------------------- coercion
-
-
-def _describe(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, path: str, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it converted (dataclasses built)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, path, where)
-            except SpecError as err:
-                errors.append(str(err))
-        raise SpecError(f"{where}: key '{path}': expected {_describe(tp)}, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise SpecError(f"{where}: key '{path}': expected a mapping, got {type(value).__name__}")
-        return _build(tp, value, path, where)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise SpecError(f"{where}: key '{path}': expected a list of {_describe(item_tp)}, got {value!r}")
-        return [_coerce(v, item_tp, f"{path}[{i}]", where) for i, v in enumerate(value)]
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise SpecError(f"{where}: key '{path}': expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise SpecError(f"{where}: key '{path}': expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SpecError(f"{where}: key '{path}': expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SpecError(f"{where}: key '{path}': expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise SpecError(f"{where}: key '{path}': expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported annotation {tp!r} at {path}")
+# ----------------------------------------------------------------------------- building
 
 
 @functools.cache
@@ -211,118 +179,148 @@ def _schema(cls: type) -> tuple[dict[str, Any], tuple[str, ...]]:
     return typing.get_type_hints(cls), tuple(f.name for f in dataclasses.fields(cls))
 
 
-def _build(cls: type, raw: dict, prefix: str, where: str) -> Any:
+def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
+    """A dataclass from a mapping: unknown keys refused, values checked against the annotations."""
+    if not isinstance(raw, dict):
+        got = "nothing" if raw is None else f"{type(raw).__name__} {raw!r}"
+        raise SpecError(f"{where}: {prefix or 'spec'}: expected a mapping, got {got}")
     hints, names = _schema(cls)
-    unknown = sorted(set(raw) - set(names))
+    unknown = sorted(set(raw) - set(names), key=str)
     if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise SpecError(f"{where}: unknown key '{key}' (allowed: {', '.join(names)})")
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise SpecError(f"{where}: {key}: unknown key (allowed: {', '.join(names)})")
     kwargs = {}
     for name in names:
-        if name in raw:
-            path = f"{prefix}.{name}" if prefix else name
-            kwargs[name] = _coerce(raw[name], hints[name], path, where)
+        if name not in raw:
+            continue
+        path = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, raw[name], path, where)
+            continue
+        try:
+            kwargs[name] = coerce(raw[name], tp)
+        except SettingError as err:
+            raise SpecError(f"{where}: {path}: {err.what} (allowed: {err.allowed or describe(tp)})") from None
     return cls(**kwargs)
 
 
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_choice(value: Any, path: str, where: str) -> None:
-    allowed = CHOICES[path]
-    if str(value) not in allowed:
-        raise SpecError(f"{where}: key '{path}': {value!r} is not one of: {', '.join(allowed)}")
+def _positive(where: str, path: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or null" if allow_none else "")
+        raise SpecError(f"{where}: {path}: {value!r} is out of range (allowed: {allowed})")
 
 
-@functools.cache
-def _loss_parameters(name: str) -> tuple[tuple[str, ...], bool]:
-    from study.losses import LOSSES
+def _check_train(t: TrainSpec, where: str) -> None:
+    for key in ("iterations", "batch_size", "eval_interval", "log_interval"):
+        _positive(where, f"train.{key}", getattr(t, key))
+    for key in ("eval_batch_size", "checkpoint_interval", "threads"):
+        _positive(where, f"train.{key}", getattr(t, key), allow_none=True)
+    _positive(where, "train.workers", t.workers, minimum=0)
+    _positive(where, "train.num_overlays", t.num_overlays, minimum=0)
 
-    signature = inspect.signature(LOSSES[name].__init__)
-    allowed = tuple(p for p in signature.parameters if p not in ("self", "num_classes", "ignore_index", "class_counts"))
-    return allowed, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+
+def _check_seed(seed: int, where: str) -> None:
+    if not 0 <= seed < 2**32:
+        raise SpecError(f"{where}: seed: {seed} is out of range (allowed: an integer in [0, 2**32))")
+
+
+EXPERIMENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+URI_SCHEMES = ("sqlite:///", "http://", "https://", "file:", "postgresql://", "mysql://")
+
+
+def _check_tracking(t: TrackingSpec, where: str) -> None:
+    if not EXPERIMENT_NAME.match(t.experiment):
+        raise SpecError(f"{where}: tracking.experiment: {t.experiment[:60]!r} is not a valid name "
+                        f"(allowed: 1-100 characters of letters, digits, '_', '.', '-', starting with a letter or digit)")
+    if not (math.isfinite(t.system_metrics_interval) and t.system_metrics_interval > 0):
+        raise SpecError(f"{where}: tracking.system_metrics_interval: {t.system_metrics_interval} is not allowed "
+                        f"(allowed: a finite number > 0)")
+    if not t.uri.startswith(URI_SCHEMES):
+        raise SpecError(f"{where}: tracking.uri: {t.uri!r} has an unknown scheme (allowed: {', '.join(URI_SCHEMES)})")
+
+
+def _resolve_components(spec: RunSpec, where: str, check_files: bool = True) -> RunSpec:
+    """Resolve the settings of each chosen component through its entry (fills defaults, runs checks).
+
+    ``check_files=False`` (the defaults a signature is a delta from) skips what looks at the disk or at
+    the combination of model settings: the data listing and the model check."""
+    from study.data import resolve_data
+    from study.losses import LOSSES, check_loss
+    from study.models import check_model
+    from study.optim import resolve_optimizer, resolve_schedule
+
+    for prefix, fn, arg in (("data", lambda d: resolve_data(d, check_files), spec.data),
+                            ("model", check_model if check_files else (lambda m: None), spec.model),
+                            ("train.optimizer", resolve_optimizer, spec.train.optimizer),
+                            ("train", resolve_schedule, spec.train)):
+        try:
+            fn(arg)
+        except SettingError as err:
+            raise spec_error(where, err, prefix) from None
+    entry = LOSSES.get(spec.loss.name)
+    try:
+        if entry is None:
+            raise SettingError("name", f"{spec.loss.name!r} is not a known loss", ", ".join(LOSSES))
+        spec.loss.params = entry.resolve(spec.loss.params)
+        from study.data import num_classes_of
+
+        check_loss(spec.loss.name, spec.loss.params, num_classes_of(spec.data.name))
+    except SettingError as err:
+        if err.key == "name":
+            raise spec_error(where, err, "loss") from None
+        key = err.key if err.key.startswith("params") else f"params.{err.key}"
+        raise spec_error(where, SettingError(key, err.what, err.allowed), "loss") from None
+    return spec
 
 
 def validate(spec: RunSpec, where: str = "<spec>") -> RunSpec:
-    """Check choices and cross-field rules that the types alone cannot express."""
-    from study.data import DATASETS
-    from study.losses import LOSSES
-    from study.models import MODEL_CHOICES
-
-    for path in CHOICES:
-        value: Any = spec
-        for part in path.split("."):
-            value = getattr(value, part)
-        _check_choice(value, path, where)
-
-    if spec.data.name not in DATASETS:
-        raise SpecError(f"{where}: key 'data.name': {spec.data.name!r} is not one of: {', '.join(DATASETS)}")
-    for key in ("size", "crop"):
-        v = getattr(spec.data, key)
-        if v is not None and (len(v) != 2 or min(v) <= 0):
-            raise SpecError(f"{where}: key 'data.{key}': expected [height, width] of positive integers, got {v}")
-    if spec.data.scale is not None and (len(spec.data.scale) != 2 or not 0 < spec.data.scale[0] <= spec.data.scale[1]):
-        raise SpecError(f"{where}: key 'data.scale': expected [min, max] with 0 < min <= max, got {spec.data.scale}")
-    for key in ("mean", "std"):
-        v = getattr(spec.data, key)
-        if v is not None and len(v) != 3:
-            raise SpecError(f"{where}: key 'data.{key}': expected 3 numbers (one per channel), got {v}")
-    missing_splits = {"train", "val", "test"} - set(spec.data.splits)
-    if missing_splits:
-        raise SpecError(f"{where}: key 'data.splits': missing {sorted(missing_splits)} (needs train, val, test)")
-
-    if spec.model.arch not in MODEL_CHOICES:
-        raise SpecError(f"{where}: key 'model.arch': {spec.model.arch!r} is not one of: {', '.join(MODEL_CHOICES)}")
-    backbones = MODEL_CHOICES[spec.model.arch]
-    if spec.model.backbone not in backbones:
-        raise SpecError(
-            f"{where}: key 'model.backbone': {spec.model.backbone!r} is not available for arch "
-            f"{spec.model.arch!r} (allowed: {', '.join(backbones)})"
-        )
-
-    if spec.loss.name not in LOSSES:
-        raise SpecError(f"{where}: key 'loss.name': {spec.loss.name!r} is not one of: {', '.join(sorted(LOSSES))}")
-    allowed, has_var_kw = _loss_parameters(spec.loss.name)
-    for key in spec.loss.params:
-        if key not in allowed and not has_var_kw:
-            raise SpecError(
-                f"{where}: key 'loss.params.{key}': not a parameter of loss {spec.loss.name!r} "
-                f"(allowed: {', '.join(allowed) or 'none'})"
-            )
-
-    t = spec.train
-    for key in ("iterations", "batch_size", "eval_interval", "log_interval"):
-        if getattr(t, key) <= 0:
-            raise SpecError(f"{where}: key 'train.{key}': must be positive, got {getattr(t, key)}")
-    if t.optimizer.lr <= 0:
-        raise SpecError(f"{where}: key 'train.optimizer.lr': must be positive, got {t.optimizer.lr}")
-    if t.workers < 0:
-        raise SpecError(f"{where}: key 'train.workers': must be >= 0, got {t.workers}")
+    """Resolve every component's settings and check the harness-wide rules; returns ``spec``."""
+    _resolve_components(spec, where)
+    _check_train(spec.train, where)
+    _check_seed(spec.seed, where)
+    _check_tracking(spec.tracking, where)
     return spec
 
 
 # ----------------------------------------------------------------------------- public API
 
 
+def plain_copy(value: Any) -> Any:
+    """A copy of YAML data (dicts, lists, scalars): what ``copy.deepcopy`` does, several times faster."""
+    if type(value) is dict:
+        return {k: plain_copy(v) for k, v in value.items()}
+    if type(value) is list:
+        return [plain_copy(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else copy.deepcopy(value)
+
+
 def merge(base: dict, update: dict) -> dict:
     """Deep-merge ``update`` into a copy of ``base`` (mappings merge, everything else replaces)."""
-    out = copy.deepcopy(base)
+    out = plain_copy(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "params":
             out[key] = merge(out[key], value)
         else:
-            out[key] = copy.deepcopy(value)
+            out[key] = plain_copy(value)
     return out
 
 
-def set_path(raw: dict, dotted: str, value: Any) -> None:
+def set_path(raw: dict, dotted: str, value: Any, where: str = "--set") -> None:
     """Set ``raw[a][b][c] = value`` for ``dotted = 'a.b.c'``, creating mappings as needed."""
     parts = dotted.split(".")
+    if not all(parts):
+        raise SpecError(f"{where}: {dotted!r}: not a dotted key path (allowed: e.g. train.iterations)")
     node = raw
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise SpecError(f"--set {dotted}: '{part}' is not a mapping")
+            raise SpecError(f"{where}: {dotted}: '{part}' is not a mapping")
     node[parts[-1]] = value
 
 
@@ -331,19 +329,56 @@ def parse_overrides(items: list[str] | None) -> dict:
     out: dict = {}
     for item in items or []:
         if "=" not in item:
-            raise SpecError(f"--set {item!r}: expected key.path=value")
+            raise SpecError(f"--set {item!r}: expected KEY.PATH=VALUE")
         key, text = item.split("=", 1)
-        set_path(out, key.strip(), yaml.safe_load(text))
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise SpecError(f"--set {item!r}: {text!r} is not a YAML value") from None
+        set_path(out, key.strip(), value, f"--set {item!r}")
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key written twice in one mapping."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is written twice in one mapping", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _safe_unique_load(text: str):
+    """One YAML document through the safe loader that refuses duplicate keys."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | Path) -> Any:
-    """Read a YAML file with the safe loader; syntax errors name the file and line."""
+    """Read a YAML file with the safe loader; syntax errors, duplicate keys and bad bytes name the file."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError(f"{path}: file not found")
+        raise SpecError(f"{path}: file not found" if not path.exists() else f"{path}: not a file")
     try:
-        return yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{path}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise SpecError(f"{path}: cannot be read ({err.strerror})") from None
+    try:
+        return _safe_unique_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -354,16 +389,21 @@ def read_yaml(path: str | Path) -> Any:
 def from_dict(raw: dict, where: str = "<spec>") -> RunSpec:
     """Build and validate a RunSpec from a plain mapping."""
     if not isinstance(raw, dict):
-        raise SpecError(f"{where}: a run spec must be a mapping, got {type(raw).__name__}")
-    return validate(_build(RunSpec, raw, "", where), where)
+        raise SpecError(f"{where}: spec: expected a mapping, got {type(raw).__name__}")
+    return validate(_build(RunSpec, raw, "", where), where)  # _build copies every value it keeps
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:
-    """Load a run spec YAML, apply ``--set`` overrides, validate."""
-    raw = read_yaml(path) or {}
+    """Load a run spec YAML, apply ``--set`` overrides, validate. An empty file is an error."""
+    raw = read_yaml(path)
+    if raw is None:
+        raise SpecError(f"{path}: spec: the file is empty (allowed: a mapping with sections "
+                        f"data, model, loss, train, tracking, seed)")
     if not isinstance(raw, dict):
-        raise SpecError(f"{path}: a run spec must be a mapping, got {type(raw).__name__}")
-    return from_dict(merge(raw, parse_overrides(overrides)), str(path))
+        raise SpecError(f"{path}: spec: expected a mapping, got {type(raw).__name__}")
+    extra = parse_overrides(overrides)
+    where = str(path) if not overrides else f"{path} with --set {' '.join(overrides)}"
+    return from_dict(merge(raw, extra), where)
 
 
 def to_dict(spec: Any) -> Any:
@@ -383,16 +423,70 @@ def to_yaml(spec: RunSpec) -> str:
     return yaml.safe_dump(to_dict(spec), sort_keys=True)
 
 
-def canonical(spec: RunSpec) -> dict:
-    """The resolved spec without NON_IDENTITY_FIELDS (what the hash covers)."""
-    raw = to_dict(spec)
+# ----------------------------------------------------------------------------- identity
+
+
+def _drop(raw: dict, dotted: str) -> None:
+    node = raw
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.get(part, {})
+    node.pop(parts[-1], None)
+
+
+def _delta(values: Any, defaults: Any) -> Any:
+    """The parts of ``values`` that differ from ``defaults`` (mappings recurse; None = no difference)."""
+    if isinstance(values, dict) and isinstance(defaults, dict):
+        out = {}
+        for key, value in values.items():
+            if key not in defaults:
+                out[key] = value
+                continue
+            d = _delta(value, defaults[key])
+            if d is not None:
+                out[key] = d
+        return out or None
+    return None if values == defaults else values
+
+
+@functools.lru_cache(maxsize=256)
+def _defaults_for(choice: tuple) -> dict:
+    """The resolved default spec for a choice of components (what a signature is a delta from)."""
+    data_name, loss_name, optimizer, schedule, arch = choice
+    raw = {"data": {"name": data_name}, "loss": {"name": loss_name}, "model": {"arch": arch},
+           "train": {"optimizer": {"name": optimizer}, "schedule": schedule}}
+    spec = _build(RunSpec, raw, "", "<defaults>")
+    return to_dict(_resolve_components(spec, "<defaults>", check_files=False))
+
+
+def signature(spec: RunSpec) -> dict:
+    """The run's settings that differ from the defaults of its chosen components, identity fields only."""
+    choice = (spec.data.name, spec.loss.name, spec.train.optimizer.name, spec.train.schedule, spec.model.arch)
+    values, defaults = to_dict(spec), plain_copy(_defaults_for(choice))
     for dotted in NON_IDENTITY_FIELDS:
-        node = raw
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            node = node[part]
-        node.pop(parts[-1], None)
-    return raw
+        _drop(values, dotted)
+        _drop(defaults, dotted)
+    delta = _delta(values, defaults) or {}
+    from study.losses import LOSSES
+
+    for key in LOSSES[spec.loss.name].extra.get("non_identity", ()):
+        delta.get("loss", {}).get("params", {}).pop(key, None)
+    if "loss" in delta and not delta["loss"].get("params", True):
+        delta["loss"].pop("params")
+    for section, key in (("data", "name"), ("loss", "name"), ("model", "arch"), ("train", "schedule")):
+        delta.setdefault(section, {})[key] = values[section][key]
+    delta["train"].setdefault("optimizer", {})["name"] = spec.train.optimizer.name
+    return delta
+
+
+def canonical(spec: RunSpec) -> dict:
+    """What the hash covers: the signature plus the fingerprint of the data's content."""
+    from study.data import data_fingerprint
+
+    out = signature(spec)
+    out["data"]["content"] = data_fingerprint(spec.data)
+    out["version"] = HASH_VERSION
+    return out
 
 
 def spec_hash(spec: RunSpec) -> str:
@@ -413,18 +507,21 @@ def flatten(raw: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def loss_label(spec: RunSpec) -> str:
-    """The loss name plus the parameters that differ from its defaults: ``recall(ema=0.5)``.
+def _format(value: Any) -> str:
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return repr(value)
+    return str(value)
 
-    Tables group runs by this label, so variants of one loss stay apart.
-    """
+
+def loss_label(spec: RunSpec) -> str:
+    """The loss name plus the resolved parameters that differ from its defaults: ``recall(ema=0.5)``."""
     from study.losses import LOSSES
 
-    defaults = {name: p.default for name, p in inspect.signature(LOSSES[spec.loss.name].__init__).parameters.items()}
-    changed = {k: v for k, v in sorted(spec.loss.params.items()) if defaults.get(k, inspect.Parameter.empty) != v}
+    entry = LOSSES[spec.loss.name]
+    changed = {k: v for k, v in entry.changed(spec.loss.params).items() if k not in entry.extra.get("non_identity", ())}
     if not changed:
         return spec.loss.name
-    return f"{spec.loss.name}(" + ",".join(f"{k}={v}" for k, v in changed.items()) + ")"
+    return f"{spec.loss.name}(" + ",".join(f"{k}={_format(v)}" for k, v in sorted(changed.items())) + ")"
 
 
 def run_name(spec: RunSpec) -> str:

@@ -3,7 +3,7 @@
 Conventions (metric, tag and artifact names) are listed in docs/architecture.md; analysis/collect.py
 reads exactly those names.
 
-Store rules measured on these machines (shared/DESIGN.md §3): a brand-new sqlite store must be created
+Store rules measured on these machines (docs/architecture.md, "MLflow store rules"): a brand-new sqlite store must be created
 by one process before concurrent jobs use it, and jobs must get the experiment *id* (concurrent
 ``set_experiment`` misfiles runs). :func:`prepare` does both, once, in the launcher or in ``study run``.
 """
@@ -70,6 +70,15 @@ def prepare(uri: str, experiment: str) -> tuple[str, str]:
         exp_id = found.experiment_id
     client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return uri, exp_id
+
+
+def find_experiment(uri: str, experiment: str) -> str | None:
+    """The id of ``experiment`` in the store at ``uri``, or None; never creates the store or experiment."""
+    db = sqlite_path(uri)
+    if db is not None and not db.exists():
+        return None
+    found = MlflowClient(uri).get_experiment_by_name(experiment)
+    return found.experiment_id if found is not None else None
 
 
 def git_commit() -> str:
@@ -191,11 +200,13 @@ class RunLogger:
             self._retry(lambda: self.client.log_batch(self.run_id, tags=items[i:i + MAX_PARAMS_PER_BATCH]))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Queue metrics; they are written in batches by :meth:`flush` (called by the trainer)."""
+        """Queue metrics; they are written in batches by :meth:`flush` (the trainer flushes at checkpoints)."""
         ts = int(time.time() * 1000)
         self._pending.extend(Metric(k, float(v), ts, int(step)) for k, v in metrics.items())
-        if len(self._pending) >= MAX_METRICS_PER_BATCH:
-            self.flush()
+
+    def discard_pending(self) -> None:
+        """Drop queued metrics (those logged after the last checkpoint of an interrupted run)."""
+        self._pending = []
 
     def flush(self) -> None:
         pending, self._pending = self._pending, []

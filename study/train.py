@@ -4,8 +4,9 @@
 is logged). Resuming: if ``{checkpoint_root}/{experiment}/{spec_hash}/last.pt`` exists, training
 continues from it in the same MLflow run; model, optimizer, scheduler, loss buffers (EMA weights),
 RNG states and the iteration are restored, and the batch order and augmentation of every iteration
-are a function of (seed, iteration), so an interrupted and resumed CPU run ends with the same metrics
-as an uninterrupted one.
+are a function of (seed, iteration) (``study.determinism``), so an interrupted and resumed CPU run
+ends with the same metrics as an uninterrupted one. Metrics reach MLflow at checkpoints, so a
+resumed run never holds a step twice (``study.runrecord``).
 
 Host synchronisation happens only every ``log_interval`` iterations (one transfer of the buffered
 losses and weights), at evaluations and at checkpoints.
@@ -17,20 +18,25 @@ import dataclasses
 import json
 import math
 import os
-import random
-import tempfile
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from study import checkpoint as ckpt
-from study import tracking
-from study.spec import RunSpec, flatten, loss_label, run_name, spec_hash, to_dict, to_yaml
+from study import claim as claims
+from study import runrecord, tracking
+from study.determinism import IterationBatchSampler, SeededSamples, rng_state, seed_everything, set_rng_state
+from study.spec import RunSpec, run_name, spec_hash
+
+__all__ = ["IterationBatchSampler", "RunResult", "SeededSamples", "TrainingFailed", "checkpoint_dir", "train"]
+
+
+HEARTBEAT_EVERY_S = 30.0  # `study status` calls a RUNNING run stale after 10 minutes without one
 
 
 class TrainingFailed(RuntimeError):
@@ -45,84 +51,29 @@ class RunResult:
     metrics: dict[str, float]
     resumed: bool
     timings: dict[str, float]
+    skipped: str = ""  # why nothing was trained: another live job holds the run, or it is finished
 
 
-# ----------------------------------------------------------------------------- determinism
+@dataclasses.dataclass
+class Parts:
+    """Everything a run trains with, built from the spec (and restored from a checkpoint)."""
 
+    device: torch.device
+    bundle: object
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    folder: Path
+    start: int = 0
+    best_miou: float = -1.0
+    best_it: int = -1
+    state: dict | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
 
-def sample_seed(seed: int, iteration: int, position: int) -> int:
-    """Seed of the augmentation of one sample: a pure function of (run seed, iteration, position)."""
-    return (seed * 1_000_003 + iteration * 9_973 + position * 101 + 17) % (2**31 - 1)
-
-
-class IterationBatchSampler(Sampler):
-    """Batches ``[(index, aug_seed), ...]`` for iterations ``start..total-1``.
-
-    The index stream is a concatenation of per-epoch permutations drawn from ``seed`` and the epoch
-    number, so batch ``k`` depends only on (seed, k): resuming at any iteration reproduces the order.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, total: int):
-        self.n, self.batch_size, self.seed, self.start, self.total = n, batch_size, seed, start, total
-
-    def _epoch(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def __len__(self) -> int:
-        return max(0, self.total - self.start)
-
-    def __iter__(self):
-        pos = self.start * self.batch_size
-        epoch, offset = divmod(pos, self.n)
-        order = self._epoch(epoch)
-        for it in range(self.start, self.total):
-            batch = []
-            for p in range(self.batch_size):
-                if offset == self.n:
-                    epoch, offset = epoch + 1, 0
-                    order = self._epoch(epoch)
-                batch.append((order[offset], sample_seed(self.seed, it, p)))
-                offset += 1
-            yield batch
-
-
-class SeededSamples(Dataset):
-    """Wraps a data set so that item ``(index, seed)`` is drawn with all RNGs seeded by ``seed``."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item):
-        index, seed = item
-        np_state, py_state = np.random.get_state(), random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            np.random.seed(seed)
-            random.seed(seed)
-            try:
-                return self.dataset[index]
-            finally:
-                np.random.set_state(np_state)
-                random.setstate(py_state)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.bundle.class_names)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -136,30 +87,25 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_optimizer(spec: RunSpec, params) -> torch.optim.Optimizer:
-    o = spec.train.optimizer
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
-    if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-
-
-def build_scheduler(spec: RunSpec, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """constant: lr; poly: lr * (1 - it / iterations) ** poly_power."""
-    total, power = spec.train.iterations, spec.train.poly_power
-    if spec.train.schedule == "poly":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: max(0.0, 1 - it / total) ** power)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 1.0)
-
-
 def metric_key(name: str) -> str:
     return name.strip().lower().replace(" ", "_")
 
 
+def accel_format(channels_last: bool) -> torch.memory_format:
+    from study.accel import input_memory_format
+
+    return input_memory_format(channels_last)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
 @torch.no_grad()
 def evaluate(model, loader, num_classes: int, ignore_index: int, device, amp: bool):
-    """Run ``model`` over ``loader``; return the filled ConfusionMatrix."""
+    """Run ``model`` over ``loader``; return the filled ConfusionMatrix (accumulated on ``device``)."""
     from study.metrics import ConfusionMatrix
 
     cm = ConfusionMatrix(num_classes, ignore_index=ignore_index, device=device)
@@ -174,12 +120,6 @@ def evaluate(model, loader, num_classes: int, ignore_index: int, device, amp: bo
     return cm
 
 
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
 def eval_metrics(prefix: str, result: dict, class_names: list[str]) -> dict[str, float]:
     """Flatten ConfusionMatrix.compute() into MLflow metric names (NaN classes are left out)."""
     out = {f"{prefix}/{k}": float(result[k]) for k in ("miou", "macc", "mprec", "pixel_acc", "fwiou")}
@@ -190,293 +130,392 @@ def eval_metrics(prefix: str, result: dict, class_names: list[str]) -> dict[str,
     return {k: v for k, v in out.items() if not math.isnan(v)}
 
 
+def rgb255(images: torch.Tensor, transform) -> torch.Tensor:
+    """Normalised network input -> float RGB in 0..255 (undoes the transform's mean/std and BGR order)."""
+    mean = torch.tensor(transform.mean, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(transform.std, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    rgb = images * std + mean
+    return rgb.flip(1) if transform.bgr else rgb
+
+
+def checkpoint_dir(spec: RunSpec, h: str | None = None) -> Path:
+    return Path(spec.tracking.checkpoint_root).resolve() / spec.tracking.experiment / (h or spec_hash(spec))
+
+
+def _eval_loader(spec: RunSpec, dataset) -> DataLoader:
+    return DataLoader(dataset, batch_size=spec.train.eval_batch_size or spec.train.batch_size, shuffle=False,
+                      num_workers=spec.train.workers, generator=torch.Generator().manual_seed(spec.seed))
+
+
+def build_parts(spec: RunSpec, h: str, fresh: bool) -> Parts:
+    """Data, model, loss, optimizer and schedule of ``spec``, restored from its checkpoint if any."""
+    from study.data import build_datasets
+    from study.losses import LOSSES, build_loss
+    from study.models import build_model
+    from study.optim import build_optimizer, build_scheduler
+
+    from study import accel
+
+    t = spec.train
+    device = pick_device(t.device)
+    if t.deterministic:
+        accel.deterministic(True)
+    accel.configure_backends(device, tf32=t.tf32, cudnn_benchmark=t.cudnn_benchmark)
+    bundle = build_datasets(spec.data, spec.data.split_seed)
+    seed_everything(spec.seed)  # after the data: a cached and a fresh data set must give the same model
+    m = spec.model
+    model = build_model(m.arch, m.backbone, bundle.num_classes, m.output_stride, m.pretrained,
+                        decoder=m.decoder).to(device)
+    needs = LOSSES[spec.loss.name].needs
+    params = dict(spec.loss.params)
+    if "class_counts" in needs:
+        params["class_counts"] = [int(c) for c in bundle.class_counts]
+    if "features" in needs:
+        params["feature_channels"] = model.feature_channels
+    if "train_masks" in needs and spec.loss.params.get("edge_net") == "train_masks" \
+            and not spec.loss.params.get("edge_net_path"):
+        params["train_masks"] = training_masks(bundle)
+    loss_fn = build_loss(spec.loss.name, bundle.num_classes, ignore_index=bundle.ignore_index, **params).to(device)
+    # a loss with parameters of its own (DFR's feature consistency head) trains with the model
+    optimizer = build_optimizer(t.optimizer, [*model.parameters(), *loss_fn.parameters()],
+                                accel.optimizer_kwargs(t.optimizer.name, device, t.fused_optimizer))
+    model = accel.prepare_model(model, channels_last=t.channels_last, compile=t.compile)
+    scheduler = build_scheduler(spec.train, optimizer)
+    parts = Parts(device, bundle, model, loss_fn, optimizer, scheduler, checkpoint_dir(spec, h))
+    _restore(parts, h, fresh)
+    return parts
+
+
+def _restore(parts: Parts, h: str, fresh: bool) -> None:
+    """Load the latest good checkpoint of this spec into ``parts`` (``fresh`` deletes it first)."""
+    if fresh and parts.folder.exists():
+        for f in parts.folder.iterdir():
+            if f.is_file() and f.name != claims.CLAIM_FILE:  # the claim stays locked by this job
+                f.unlink()
+    state, parts.notes = ckpt.load_latest(parts.folder, map_location=parts.device)
+    parts.state = state
+    if state is None or state.get("spec_hash") != h:
+        return
+    _plain(parts.model).load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(state["scheduler"])
+    parts.loss_fn.load_state_dict(state["loss"])
+    set_rng_state(state["rng"])
+    parts.start, parts.best_miou, parts.best_it = state["iteration"], state["best_miou"], state["best_iteration"]
+
+
+def labelled_fractions(bundle) -> dict[str, float]:
+    """``data/labelled_fraction/{split}``: labelled pixels / all pixels of each split's targets (scribbles
+    label a few % of the training pixels; validation and test keep full labels)."""
+    from study.data.scribbles import labelled_fraction
+
+    return {f"data/labelled_fraction/{s}": labelled_fraction(getattr(bundle, s)) for s in ("train", "val", "test")}
+
+
+def training_masks(bundle) -> np.ndarray:
+    """The training split's full ground-truth label maps after the fixed resize, uint8 [M, H, W]."""
+    train = getattr(bundle.train, "dataset", bundle.train)  # full labels under scribble supervision
+    return np.stack([np.asarray(train.load_target(i), dtype=np.uint8) for i in range(len(train))])
+
+
+def _plain(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose state dict is saved (the one behind a torch.compile wrapper)."""
+    from study.accel import unwrap
+
+    return unwrap(model)
+
+
+def _peek_state(folder: Path) -> dict | None:
+    """The latest checkpoint's state, or None (used to find the run a failed setup belongs to)."""
+    try:
+        return ckpt.load_latest(folder, map_location="cpu")[0]
+    except Exception:  # noqa: BLE001 - best effort
+        return None
+
+
+def _resumed(parts: Parts, h: str) -> bool:
+    return parts.state is not None and parts.state.get("spec_hash") == h
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
-def checkpoint_dir(spec: RunSpec) -> Path:
-    return Path(spec.tracking.checkpoint_root).resolve() / spec.tracking.experiment / spec_hash(spec)
+class Loop:
+    """One run's iterations: step, buffered logging, validation, checkpoints (see the module docstring)."""
 
+    def __init__(self, spec: RunSpec, h: str, parts: Parts, logger: tracking.RunLogger, say, timings: dict):
+        self.spec, self.h, self.p, self.logger, self.say, self.timings = spec, h, parts, logger, say, timings
+        self.losses: list[torch.Tensor] = []
+        self.weights: list[torch.Tensor] = []
+        from study.losses import LOSSES
 
-def train(
-    spec: RunSpec,
-    *,
-    experiment_id: str | None = None,
-    parent_run_id: str | None = None,
-    grid: str | None = None,
-    fresh: bool = False,
-    progress: bool | None = None,
-    stop_after: int | None = None,
-) -> RunResult:
-    """Train ``spec`` to ``train.iterations`` (or stop early after ``stop_after`` iterations, for tests).
+        self.track_weights = bool(LOSSES[spec.loss.name].extra.get("tracks_weights"))
+        self.needs = LOSSES[spec.loss.name].needs
+        self.val_loader = _eval_loader(spec, parts.bundle.val)
+        self.checkpointed = parts.start
+        self.it = parts.start
+        self.last_beat = time.monotonic()
 
-    Returns the run id and final test metrics. Raises TrainingFailed after marking the run FAILED.
-    """
-    from study.data import build_datasets
-    from study.losses import NEEDS_CLASS_COUNTS, RECALL_FAMILY, build_loss
-    from study.models import build_model
-
-    timings = {"setup": 0.0, "data": 0.0, "step": 0.0, "eval": 0.0, "logging": 0.0, "checkpoint": 0.0}
-    t0 = time.perf_counter()
-    h = spec_hash(spec)
-    uri = tracking.resolve_uri(spec.tracking.uri)
-    if experiment_id is None:
-        uri, experiment_id = tracking.prepare(uri, spec.tracking.experiment)
-    if spec.train.threads:
-        torch.set_num_threads(spec.train.threads)
-    state: dict | None = None
-    try:  # errors before training starts still leave a FAILED run with the reason
-        device = pick_device(spec.train.device)
-        bundle = build_datasets(spec.data, spec.data.split_seed)
-        class_names = list(bundle.class_names)
-        C = bundle.num_classes
-        seed_everything(spec.seed)  # after the data: a cached and a fresh data set must give the same model
-        model = build_model(spec.model.arch, spec.model.backbone, C, spec.model.output_stride, spec.model.pretrained)
-        model.to(device)
-        params = dict(spec.loss.params)
-        if spec.loss.name in NEEDS_CLASS_COUNTS:
-            params["class_counts"] = [int(c) for c in bundle.class_counts]
-        loss_fn = build_loss(spec.loss.name, C, ignore_index=bundle.ignore_index, **params).to(device)
-        optimizer = build_optimizer(spec, model.parameters())
-        scheduler = build_scheduler(spec, optimizer)
-
-        folder = checkpoint_dir(spec)
-        if fresh and folder.exists():
-            for f in folder.iterdir():
-                f.unlink()
-        state, ckpt_notes = ckpt.load_latest(folder, map_location=device)
-        start, best_miou, best_it = 0, -1.0, -1
-        resumed = state is not None and state.get("spec_hash") == h
-        if resumed:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            loss_fn.load_state_dict(state["loss"])
-            _set_rng_state(state["rng"])
-            start, best_miou, best_it = state["iteration"], state["best_miou"], state["best_iteration"]
-    except Exception as err:
-        _record_setup_failure(spec, uri, experiment_id, parent_run_id, grid, state, err)
-        raise
-    if resumed:
-        logger = tracking.RunLogger(uri, state["run_id"])
-        logger.reopen()
-    else:
-        tags = {**_spec_tags(spec, grid), "study.class_names": json.dumps(class_names), "study.iteration": 0}
-        logger = tracking.RunLogger.start(uri, experiment_id, run_name(spec), tags, parent_run_id)
-        if ckpt_notes:  # the run those checkpoints belonged to cannot continue: close it, pointing here
-            ckpt_notes.append("no usable checkpoint: restarted from iteration 0 in this new run")
-            _close_unresumable_runs(uri, experiment_id, h, logger.run_id)
-        logger.log_params(flatten(to_dict(spec)))
-        logger.set_tags({"study.class_counts": json.dumps([int(c) for c in bundle.class_counts])})
-        with tempfile.TemporaryDirectory() as tmp:
-            p = Path(tmp) / "spec.yaml"
-            p.write_text(to_yaml(spec))
-            logger.log_artifact(p)
-    if ckpt_notes:
-        logger.set_tags({"study.warning": " | ".join(ckpt_notes)[:4000]})
-
-    total = spec.train.iterations
-    end = total if stop_after is None else min(total, start + stop_after)
-    loader = DataLoader(
-        SeededSamples(bundle.train),
-        batch_sampler=IterationBatchSampler(len(bundle.train), spec.train.batch_size, spec.seed, start, end),
-        num_workers=spec.train.workers,
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(spec.seed),  # never draw from the global RNG (resume)
-    )
-    eval_bs = spec.train.eval_batch_size or spec.train.batch_size
-    val_loader = DataLoader(bundle.val, batch_size=eval_bs, shuffle=False, num_workers=spec.train.workers,
-                            generator=torch.Generator().manual_seed(spec.seed))
-    ckpt_every = spec.train.checkpoint_interval or spec.train.eval_interval
-    log_every = spec.train.log_interval
-    track_weights = spec.loss.name in RECALL_FAMILY
-
-    def save_state(it: int) -> None:
-        t = time.perf_counter()
-        ckpt.save(
-            {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict(), "rng": _rng_state(),
-                "iteration": it, "best_miou": best_miou, "best_iteration": best_it,
-                "run_id": logger.run_id, "spec_hash": h,
-            },
-            folder / "last.pt", keep_previous=True,
+    def batches(self, end: int) -> DataLoader:
+        p, t = self.p, self.spec.train
+        return DataLoader(
+            SeededSamples(p.bundle.train),
+            batch_sampler=IterationBatchSampler(len(p.bundle.train), t.batch_size, self.spec.seed, p.start, end),
+            num_workers=t.workers, pin_memory=p.device.type == "cuda",
+            generator=torch.Generator().manual_seed(self.spec.seed),  # never draw from the global RNG (resume)
         )
-        logger.set_tags({"study.iteration": it})
-        timings["checkpoint"] += time.perf_counter() - t
 
-    losses: list[torch.Tensor] = []
-    weights: list[torch.Tensor] = []
+    def forward_loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of one batch, handing the loss what its entry declares it needs (image, features)."""
+        p, extra = self.p, {}
+        with _autocast(p.device, self.spec.train.amp):
+            if "features" in self.needs:
+                logits, extra["features"] = p.model(images, return_features=True)
+            else:
+                logits = p.model(images)
+        if "image" in self.needs:
+            extra["image"] = rgb255(images, p.bundle.train.transform)
+        return p.loss_fn(logits, targets, **extra)
 
-    def flush_logs(it: int) -> None:
+    def step(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        p = self.p
+        loss = self.forward_loss(images, targets)
+        p.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        p.optimizer.step()
+        p.scheduler.step()
+        self.it += 1
+        self.losses.append(loss.detach())
+        if self.track_weights and getattr(p.loss_fn, "last_weights", None) is not None:
+            self.weights.append(p.loss_fn.last_weights.detach())
+
+    def flush_logs(self) -> None:
         """One host transfer for the buffered losses; NaN/Inf fails the run."""
-        t = time.perf_counter()
-        if losses:
-            values = torch.stack(losses).float().cpu().tolist()
-            first = it - len(values) + 1
-            bad = [first + i for i, v in enumerate(values) if not math.isfinite(v)]
-            if bad:
-                raise TrainingFailed(f"non-finite loss ({values[bad[0] - first]}) at iteration {bad[0]}")
-            for i, v in enumerate(values):
-                logger.log_metrics({"train/loss": v}, first + i)
-            logger.log_metrics({"train/lr": scheduler.get_last_lr()[0]}, it)
-            if weights:
-                w = weights[-1].float().cpu().tolist()
-                logger.log_metrics({f"recall_weight/{metric_key(n)}": x for n, x in zip(class_names, w)}, it)
-            losses.clear()
-            weights.clear()
-            logger.flush()
-        timings["logging"] += time.perf_counter() - t
+        if not self.losses:
+            return
+        t, it = time.perf_counter(), self.it
+        values = torch.stack(self.losses).float().cpu().tolist()
+        first = it - len(values) + 1
+        bad = [first + i for i, v in enumerate(values) if not math.isfinite(v)]
+        if bad:
+            raise TrainingFailed(f"non-finite loss ({values[bad[0] - first]}) at iteration {bad[0]}")
+        for i, v in enumerate(values):
+            self.logger.log_metrics({"train/loss": v}, first + i)
+        lr = self.p.scheduler.get_last_lr()[0]
+        self.logger.log_metrics({"train/lr": lr}, it)
+        if self.weights:
+            w = self.weights[-1].float().cpu().tolist()
+            names = self.p.class_names
+            self.logger.log_metrics({f"recall_weight/{metric_key(n)}": x for n, x in zip(names, w)}, it)
+        self.say(f"iteration {it}/{self.spec.train.iterations}  loss {values[-1]:.4f}  lr {lr:.3g}")
+        self.losses.clear()
+        self.weights.clear()
+        if time.monotonic() - self.last_beat >= HEARTBEAT_EVERY_S:  # one tag write, at most every 30 s
+            runrecord.heartbeat(self.logger)
+            self.last_beat = time.monotonic()
+        self.timings["logging"] += time.perf_counter() - t
 
-    show = progress if progress is not None else (os.isatty(2) and "SLURM_JOB_ID" not in os.environ)
-    bar = None
+    def validate(self) -> None:
+        t, p = time.perf_counter(), self.p
+        cm = evaluate(p.model, self.val_loader, p.bundle.num_classes, p.bundle.ignore_index, p.device,
+                      self.spec.train.amp)
+        result = cm.compute()
+        self.logger.log_metrics(eval_metrics("val", result, p.class_names), self.it)
+        if result["miou"] > p.best_miou:
+            p.best_miou, p.best_it = float(result["miou"]), self.it
+            ckpt.save({"model": _plain(p.model).state_dict(), "iteration": self.it, "miou": p.best_miou}, p.folder / "best.pt")
+        self.timings["eval"] += time.perf_counter() - t
+
+    def save_state(self) -> None:
+        t, p = time.perf_counter(), self.p
+        ckpt.save({"model": _plain(p.model).state_dict(), "optimizer": p.optimizer.state_dict(),
+                   "scheduler": p.scheduler.state_dict(), "loss": p.loss_fn.state_dict(), "rng": rng_state(),
+                   "iteration": self.it, "best_miou": p.best_miou, "best_iteration": p.best_it,
+                   "run_id": self.logger.run_id, "spec_hash": self.h},
+                  p.folder / "last.pt", keep_previous=True)
+        runrecord.commit(self.logger, self.it)
+        self.checkpointed = self.it
+        self.timings["checkpoint"] += time.perf_counter() - t
+
+    def run(self, end: int, bar) -> None:
+        """Iterate up to ``end``: step, log every log_interval, validate, checkpoint."""
+        t_cfg = self.spec.train
+        ckpt_every = t_cfg.checkpoint_interval or t_cfg.eval_interval
+        t_data = time.perf_counter()
+        self.p.model.train()
+        fmt = accel_format(self.spec.train.channels_last)
+        for images, targets in self.batches(end):
+            images = images.to(self.p.device, non_blocking=True, memory_format=fmt)
+            targets = targets.to(self.p.device, non_blocking=True)
+            t_step = time.perf_counter()
+            self.timings["data"] += t_step - t_data
+            self.step(images, targets)
+            self.timings["step"] += time.perf_counter() - t_step
+            if bar is not None:
+                bar.update(1)
+            if self.it % t_cfg.log_interval == 0 or self.it == end:
+                self.flush_logs()
+            if self.it % t_cfg.eval_interval == 0 or self.it == t_cfg.iterations:
+                self.validate()
+            if self.it % ckpt_every == 0 or self.it == end:
+                self.save_state()
+            t_data = time.perf_counter()
+        self.flush_logs()
+
+
+def _final_evaluation(spec, parts: Parts, logger, it: int) -> dict[str, float]:
+    """Evaluate the best-val-mIoU weights on the test split; log metrics and artifacts."""
+    from study import visualize
+
+    p = parts
+    best = ckpt.load(p.folder / "best.pt", map_location=p.device)
+    _plain(p.model).load_state_dict(best["model"])
+    cm = evaluate(p.model, _eval_loader(spec, p.bundle.test), p.bundle.num_classes, p.bundle.ignore_index,
+                  p.device, spec.train.amp)
+    result = cm.compute()
+    metrics = eval_metrics("test", result, p.class_names)
+    metrics["test/best_iteration"] = float(p.best_it)
+    logger.log_metrics(metrics, it)
+    logger.flush()
+    runrecord.log_summary(logger, metrics, it)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        mat = cm.mat.cpu().numpy()
+        visualize.per_class_csv(result, mat, p.class_names, tmp / "per_class_test.csv")
+        np.save(tmp / "confusion_test.npy", mat)
+        visualize.confusion_png(mat, p.class_names, tmp / "confusion_test.png")
+        for name in ("per_class_test.csv", "confusion_test.npy", "confusion_test.png"):
+            logger.log_artifact(tmp / name, "metrics")
+        pred_dir = tmp / "predictions"
+        visualize.prediction_overlays(p.model, p.bundle.test, spec.train.num_overlays, p.device, pred_dir)
+        for f in sorted(pred_dir.glob("*.png")):
+            logger.log_artifact(f, "predictions")
+        if spec.tracking.log_checkpoint:
+            logger.log_artifact(p.folder / "best.pt", "checkpoints")
+    return metrics
+
+
+def _open_record(spec, h, parts: Parts, uri, experiment_id, parent_run_id, grid, axes) -> tracking.RunLogger:
+    """Reopen the checkpoint's run, or start a new one (closing runs whose checkpoints were unusable)."""
+    if _resumed(parts, h):
+        logger = runrecord.reopen(uri, parts.state["run_id"])
+    else:
+        counts = [int(c) for c in parts.bundle.class_counts]
+        logger = runrecord.start(spec, h, uri, experiment_id, parent_run_id, grid, axes, parts.class_names, counts)
+        if spec.data.supervision != "full":
+            logger.log_metrics(labelled_fractions(parts.bundle), 0)
+        if parts.notes:  # the run those checkpoints belonged to cannot continue: close it, pointing here
+            parts.notes.append("no usable checkpoint: restarted from iteration 0 in this new run")
+            runrecord.close_unresumable(uri, experiment_id, h, logger.run_id)
+    if parts.notes:
+        logger.set_tags({"study.warning": " | ".join(parts.notes)[:4000]})
+    edge_net_file = getattr(parts.loss_fn, "edge_net_file", None)
+    if edge_net_file is not None and not _resumed(parts, h):  # SEMEDA's prepared edge network
+        logger.log_artifact(edge_net_file, "edge_net")
+    return logger
+
+
+def _progress(spec: RunSpec, parts: Parts, progress: bool | None):
+    """A tqdm bar on a terminal; otherwise ``say`` prints a line per log_interval to stderr."""
+    on_terminal = os.isatty(2) and "SLURM_JOB_ID" not in os.environ
+    show = progress if progress is not None else on_terminal
     if show:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, initial=start, desc=run_name(spec), dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(total=spec.train.iterations, initial=parts.start, desc=run_name(spec), dynamic_ncols=True,
+                   mininterval=1.0)
+        return bar, (lambda text: None)
+    quiet = progress is False and on_terminal
+    return None, ((lambda text: None) if quiet else (lambda text: print(f"[{run_name(spec)}] {text}",
+                                                                      file=sys.stderr, flush=True)))
 
+
+def train(spec: RunSpec, *, experiment_id: str | None = None, parent_run_id: str | None = None,
+          grid: str | None = None, axes: dict | None = None, fresh: bool = False, progress: bool | None = None,
+          stop_after: int | None = None, h: str | None = None) -> RunResult:
+    """Train ``spec`` to ``train.iterations`` (or stop early after ``stop_after`` iterations, for tests).
+
+    ``h``: the spec hash when the caller already has it. Returns the run id and final test metrics.
+    Raises TrainingFailed after marking the run FAILED.
+
+    The run is claimed first (``study.claim``: a lock beside its checkpoints, held until this returns).
+    If another live job holds it, or the experiment already has a FINISHED run of this spec (checked
+    under the claim), nothing is trained and the result's ``skipped`` says why.
+    """
+    t0 = time.perf_counter()
+    h = h or spec_hash(spec)
+    uri = tracking.resolve_uri(spec.tracking.uri)
+    if experiment_id is None:
+        uri, experiment_id = tracking.prepare(uri, spec.tracking.experiment)
+    claim = claims.take(checkpoint_dir(spec, h), grid=grid or "")
+    if claim is None:
+        held = claims.describe(claims.read_record(claims.claim_path(checkpoint_dir(spec, h))))
+        return RunResult("", h, 0, {}, False, {}, skipped=f"held by live {held}")
+    with claim:
+        if runrecord.has_finished(uri, experiment_id, h):  # checked under the claim: no second FINISHED run
+            return RunResult("", h, 0, {}, False, {}, skipped="already finished")
+        return _train_claimed(spec, h, uri, experiment_id, claim, parent_run_id=parent_run_id, grid=grid,
+                              axes=axes, fresh=fresh, progress=progress, stop_after=stop_after, t0=t0)
+
+
+def _train_claimed(spec: RunSpec, h: str, uri: str, experiment_id: str, claim, *, parent_run_id, grid, axes,
+                   fresh: bool, progress, stop_after, t0: float) -> RunResult:
+    """The body of :func:`train`, run while this process holds the run's claim."""
+    timings = {"setup": 0.0, "data": 0.0, "step": 0.0, "eval": 0.0, "logging": 0.0, "checkpoint": 0.0}
+    if spec.train.threads:
+        torch.set_num_threads(spec.train.threads)
+    parts = None
+    try:  # errors before training starts still leave a FAILED run with the reason
+        parts = build_parts(spec, h, fresh)
+    except Exception as err:
+        state = _peek_state(checkpoint_dir(spec, h))
+        runrecord.record_setup_failure(spec, h, uri, experiment_id, parent_run_id, grid, axes, state, err)
+        raise
+    logger = _open_record(spec, h, parts, uri, experiment_id, parent_run_id, grid, axes)
+    claim.note(run_id=logger.run_id)
+    runrecord.heartbeat(logger)
+    resumed = _resumed(parts, h)
+    total = spec.train.iterations
+    end = total if stop_after is None else min(total, parts.start + stop_after)
+    bar, say = _progress(spec, parts, progress)
+    if resumed:
+        say(f"resumed run {logger.run_id} from iteration {parts.start} (checkpoint {parts.folder})")
+    else:
+        say(f"started run {logger.run_id} at iteration 0 (checkpoints in {parts.folder})")
+    loop = Loop(spec, h, parts, logger, say, timings)
+    monitor = runrecord.start_system_metrics(logger, spec.tracking.system_metrics,
+                                             spec.tracking.system_metrics_interval, resumed)
     timings["setup"] += time.perf_counter() - t0
-    it = start
     try:
-        model.train()
-        t_data = time.perf_counter()
-        for images, targets in loader:
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            t_step = time.perf_counter()
-            timings["data"] += t_step - t_data
-            with _autocast(device, spec.train.amp):
-                logits = model(images)
-            loss = loss_fn(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            it += 1
-            losses.append(loss.detach())
-            if track_weights and getattr(loss_fn, "last_weights", None) is not None:
-                weights.append(loss_fn.last_weights.detach())
-            timings["step"] += time.perf_counter() - t_step
-            if bar is not None:
-                bar.update(1)
-            if it % log_every == 0 or it == end:
-                flush_logs(it)
-            if it % spec.train.eval_interval == 0 or it == total:
-                t = time.perf_counter()
-                cm = evaluate(model, val_loader, C, bundle.ignore_index, device, spec.train.amp)
-                result = cm.compute()
-                logger.log_metrics(eval_metrics("val", result, class_names), it)
-                logger.flush()
-                if result["miou"] > best_miou:
-                    best_miou, best_it = float(result["miou"]), it
-                    ckpt.save({"model": model.state_dict(), "iteration": it, "miou": best_miou}, folder / "best.pt")
-                timings["eval"] += time.perf_counter() - t
-            if it % ckpt_every == 0 or it == end:
-                save_state(it)
-            t_data = time.perf_counter()
-        flush_logs(it)
+        loop.run(end, bar)
         if bar is not None:
             bar.close()
-        if it < total:  # stopped early on purpose (tests, time budget): leave the run resumable
-            logger.flush()
-            return RunResult(logger.run_id, h, it, {}, resumed, timings)
+        if loop.it < total:  # stopped early on purpose (tests, time budget): leave the run resumable
+            runrecord.stop_system_metrics(monitor)
+            return RunResult(logger.run_id, h, loop.it, {}, resumed, timings)
         t = time.perf_counter()
-        metrics = _final_evaluation(spec, model, bundle, folder, device, logger, class_names, it, best_it)
+        metrics = _final_evaluation(spec, parts, logger, loop.it)
         timings["eval"] += time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
-        logger.set_tags({"study.iteration": it, "study.timings": json.dumps({k: round(v, 3) for k, v in timings.items()})})
+        logger.set_tags({"study.iteration": loop.it,
+                         "study.timings": json.dumps({k: round(v, 3) for k, v in timings.items()})})
+        runrecord.stop_system_metrics(monitor)
+        runrecord.describe(logger)
         logger.finish("FINISHED")
-        return RunResult(logger.run_id, h, it, metrics, resumed, timings)
+        return RunResult(logger.run_id, h, loop.it, metrics, resumed, timings)
     except BaseException as err:
+        runrecord.stop_system_metrics(monitor)
         if bar is not None:
             bar.close()
         if isinstance(err, (KeyboardInterrupt, SystemExit)):
-            logger.flush()
-            logger.set_tags({"study.interrupted": f"at iteration {it}"})
+            runrecord.interrupted(logger, loop.it, loop.checkpointed)
             raise
         reason = f"{type(err).__name__}: {err}"
         try:
-            logger.set_tags({"study.failure": reason[:4000], "study.iteration": it})
-            logger.finish("FAILED")
+            runrecord.fail(logger, reason, loop.it)
         finally:
             if isinstance(err, TrainingFailed):
                 raise
             raise TrainingFailed(reason) from err
-
-
-def _spec_tags(spec: RunSpec, grid: str | None) -> dict[str, Any]:
-    """The run tags that depend on the spec alone (docs/architecture.md)."""
-    tags: dict[str, Any] = {
-        "study.spec_hash": spec_hash(spec),
-        "study.loss": loss_label(spec),
-        "study.loss_name": spec.loss.name,
-        "study.dataset": spec.data.name,
-        "study.backbone": spec.model.backbone,
-        "study.arch": spec.model.arch,
-        "study.seed": spec.seed,
-        "study.git_commit": tracking.git_commit(),
-        "study.versions": json.dumps(tracking.library_versions()),
-    }
-    if grid:
-        tags["study.grid"] = grid
-    return tags
-
-
-def _record_setup_failure(spec: RunSpec, uri: str, experiment_id: str, parent_run_id: str | None,
-                          grid: str | None, state: dict | None, err: BaseException) -> None:
-    """Mark the run FAILED with ``study.failure`` for an error raised before the first step (bad data,
-    model, loss or checkpoint state): the resumed run when the checkpoint names one, else a new run.
-    Best effort: a store error here is only warned about, the original error is re-raised by the caller."""
-    import warnings
-
-    reason = f"{type(err).__name__}: {err}"[:4000]
-    try:
-        run_id = state.get("run_id") if isinstance(state, dict) and state.get("spec_hash") == spec_hash(spec) else None
-        if run_id:
-            logger = tracking.RunLogger(uri, run_id)
-        else:
-            logger = tracking.RunLogger.start(uri, experiment_id, run_name(spec), _spec_tags(spec, grid), parent_run_id)
-        logger.set_tags({"study.failure": reason})
-        logger.finish("FAILED")
-    except Exception as store_err:  # noqa: BLE001
-        warnings.warn(f"could not record the failure in MLflow ({store_err}); the failure was: {reason}", stacklevel=2)
-
-
-def _close_unresumable_runs(uri: str, experiment_id: str, h: str, new_run_id: str) -> None:
-    """Mark RUNNING runs of spec ``h`` FAILED: their checkpoints were unusable, ``new_run_id`` restarts them."""
-    for run in tracking.find_runs(uri, experiment_id, [h]).get(h, []):
-        if run.info.run_id != new_run_id and run.info.status == "RUNNING":
-            old = tracking.RunLogger(uri, run.info.run_id)
-            old.set_tags({"study.failure": f"checkpoints unusable; restarted from scratch as run {new_run_id}"})
-            old.finish("FAILED")
-
-
-def _final_evaluation(spec, model, bundle, folder, device, logger, class_names, it, best_it) -> dict[str, float]:
-    """Evaluate the best-val-mIoU weights on the test split; log metrics and artifacts."""
-    from study import visualize
-
-    best = ckpt.load(folder / "best.pt", map_location=device)
-    model.load_state_dict(best["model"])
-    eval_bs = spec.train.eval_batch_size or spec.train.batch_size
-    test_loader = DataLoader(bundle.test, batch_size=eval_bs, shuffle=False, num_workers=spec.train.workers,
-                             generator=torch.Generator().manual_seed(spec.seed))
-    cm = evaluate(model, test_loader, bundle.num_classes, bundle.ignore_index, device, spec.train.amp)
-    result = cm.compute()
-    metrics = eval_metrics("test", result, class_names)
-    metrics["test/best_iteration"] = float(best_it)
-    logger.log_metrics(metrics, it)
-    logger.flush()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        mat = cm.mat.cpu().numpy()
-        visualize.per_class_csv(result, mat, class_names, tmp / "per_class_test.csv")
-        np.save(tmp / "confusion_test.npy", mat)
-        visualize.confusion_png(mat, class_names, tmp / "confusion_test.png")
-        for name in ("per_class_test.csv", "confusion_test.npy", "confusion_test.png"):
-            logger.log_artifact(tmp / name, "metrics")
-        pred_dir = tmp / "predictions"
-        visualize.prediction_overlays(model, bundle.test, spec.train.num_overlays, device, pred_dir)
-        for p in sorted(pred_dir.glob("*.png")):
-            logger.log_artifact(p, "predictions")
-        if spec.tracking.log_checkpoint:
-            logger.log_artifact(folder / "best.pt", "checkpoints")
-    return metrics

@@ -1,4 +1,5 @@
-"""Session fixture `slurm_cluster`: a real one-node Slurm cluster started by scripts/slurm-local.sh.
+"""Session fixture `slurm_cluster`: a real one-node Slurm cluster (with sacct accounting through slurmdbd and
+a private MariaDB) started by scripts/slurm-local.sh.
 
 Import it from tests/conftest.py (`from tests.slurm_cluster import slurm_cluster  # noqa: F401`).
 The cluster runs as root with all its state in a pytest temp dir; `SLURM_CONF` is set in
@@ -26,7 +27,8 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "scripts" / "slurm-local.sh"
-REQUIRED_BINARIES = ("slurmctld", "slurmd", "munged", "sbatch", "srun", "squeue", "scontrol", "sinfo")
+REQUIRED_BINARIES = ("slurmctld", "slurmd", "slurmdbd", "munged", "mariadbd", "mariadb-install-db", "sbatch", "srun",
+                     "squeue", "scontrol", "scancel", "sinfo", "sacct", "sacctmgr")
 # AF_UNIX socket paths are limited to 107 bytes; the munge socket lives in the state dir.
 _MAX_STATE_DIR_LEN = 80
 
@@ -38,7 +40,7 @@ def missing_requirements() -> list[str]:
     if missing:
         reasons.append(
             f"Slurm/munge binaries not on PATH: {', '.join(missing)} "
-            "(install Debian's slurmctld slurmd slurm-client munge: scripts/ci-apt.sh)"
+            "(install Debian's slurmctld slurmd slurmdbd slurm-client munge mariadb-server: scripts/ci-apt.sh)"
         )
     if os.geteuid() != 0:
         reasons.append(f"a local Slurm cluster needs root (uid is {os.geteuid()})")

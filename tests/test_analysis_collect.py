@@ -275,7 +275,9 @@ def fast_tmp(tmp_path):
         shutil.rmtree(d, ignore_errors=True)
 
 
-def test_collect_200_runs_timing(fast_tmp):
+def test_collect_200_runs_timing(fast_tmp, monkeypatch):
+    """collect() of 200 runs is one search_runs query and no per-run call (its time is printed, not asserted:
+    a timed assertion fails on a loaded machine)."""
     tmp_path = fast_tmp
     uri, client, exp = new_store(tmp_path)
     seeds = list(range(50))
@@ -283,11 +285,23 @@ def test_collect_200_runs_timing(fast_tmp):
     log_grid(client, exp, "big", "texdigits", "r18", list(BASE), seeds, tmp_path,
              artifacts=False, failed=False)
     t_log = time.perf_counter() - t0
+    calls = {name: 0 for name in ("search_runs", "get_run", "get_metric_history", "download_artifacts")}
+
+    def counted(name):
+        real = getattr(MlflowClient, name)
+
+        def call(self, *args, **kwargs):
+            calls[name] += 1
+            return real(self, *args, **kwargs)
+        return call
+
+    for name in calls:  # the real methods run; the wrappers only count
+        monkeypatch.setattr(MlflowClient, name, counted(name))
     t0 = time.perf_counter()
     col = collect(uri, grid="big")
     t_collect = time.perf_counter() - t0
     print(f"\nlogged 200 runs in {t_log:.2f} s; collect() of 200 runs x {len(CLASSES)} classes: "
           f"{t_collect:.2f} s")
     assert len(col.runs) == 200 and len(col.classes) == 200 * len(CLASSES)
-    assert t_collect < 10.0
+    assert calls == {"search_runs": 1, "get_run": 0, "get_metric_history": 0, "download_artifacts": 0}
     assert collect_mod.SEARCH_PAGE_SIZE >= 1000

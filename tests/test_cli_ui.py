@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from study.cli import server_command, ui_url
 from study.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, prepare
 
-READY_TIMEOUT_S = 90.0  # ~8 s on an idle machine (DESIGN.md §3); CI machines are shared
+READY_TIMEOUT_S = 90.0  # ~8 s on an idle machine; CI machines are shared
 
 
 def free_port() -> int:
@@ -112,7 +112,7 @@ def test_study_ui_serves_the_project_store(tmp_path):
 
     port = free_port()
     log = tmp_path / "ui.log"
-    cmd = [sys.executable, "-m", "study", "ui", "--store", uri, "--port", str(port), "--experiment", "tests"]
+    cmd = [sys.executable, "-m", "study", "ui", "--store", uri, "--port", str(port)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
                                 env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"))
@@ -134,7 +134,7 @@ def test_study_ui_serves_the_project_store(tmp_path):
         status, body = get(f"{base}/get-artifact?path=metrics/per_class_test.csv&run_uuid={run.info.run_id}")
         assert (status, body) == (200, b"class,iou\nroad,0.9\n")
         printed = log.read_text()
-        assert f"UI: {ui_url('127.0.0.1', port, exp_id)}" in printed, printed[-2000:]
+        assert f"UI: {ui_url('127.0.0.1', port)}" in printed, printed[-2000:]  # the experiment list
         assert "--backend-store-uri " + uri in printed
     finally:
         stop(proc)
@@ -148,3 +148,80 @@ def test_study_ui_serves_the_project_store(tmp_path):
         time.sleep(0.25)
     else:
         raise AssertionError(f"port {port} still served after `study ui` was stopped")
+
+
+IMPORT_PROBE = """
+import sys
+from study.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit:
+    pass
+print("HEAVY", sorted(m for m in ("torch", "mlflow", "submitit", "pandas") if m in sys.modules))
+"""
+
+
+def _heavy_imports(args: list[str], cwd: Path) -> tuple[str, str]:
+    out = subprocess.run([sys.executable, "-c", IMPORT_PROBE, *args], capture_output=True, text=True, cwd=cwd,
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])), timeout=300)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("HEAVY")]
+    assert line, (out.stdout, out.stderr)
+    return line[0], out.stdout + out.stderr
+
+
+def test_help_imports_neither_torch_nor_mlflow(tmp_path):
+    """`study --help` answers without importing torch, MLflow, submitit or pandas"""
+    heavy, out = _heavy_imports(["--help"], tmp_path)
+    assert heavy == "HEAVY []" and "usage: study" in out, out
+
+
+def test_status_of_a_launched_grid_imports_neither_torch_nor_mlflow(tmp_path):
+    """`study status` of a launched grid reads the cached expansion and the store with SQL: no torch/MLflow"""
+    import yaml
+
+    from study.grid import load_grid
+    from study.status import write_cache
+    from tests.conftest import tiny_spec
+
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"name": "g", "base": tiny_spec(tmp_path), "axes": {"seed": [1, 2]}}))
+    uri, exp_id = prepare(f"sqlite:///{tmp_path}/mlflow.db", "tests")
+    loaded = load_grid(grid)
+    client = MlflowClient(uri)
+    run = client.create_run(exp_id, tags={"study.spec_hash": loaded.runs[0].hash})
+    client.log_metric(run.info.run_id, "test/miou", 0.25, step=6)
+    client.set_terminated(run.info.run_id)
+    write_cache(loaded, tmp_path / "submitit")  # what `study launch` writes
+    heavy, out = _heavy_imports(["status", str(grid)], tmp_path)
+    assert heavy == "HEAVY []", out
+    assert "finished: 1  missing: 1" in out and "0.2500" in out, out
+    grid.write_text(grid.read_text() + "\n# edited\n")  # a changed grid file is loaded (and checked) again
+    heavy, out = _heavy_imports(["status", str(grid)], tmp_path)
+    assert "torch" in heavy and "finished: 1  missing: 1" in out, out
+
+
+def test_ui_never_creates_a_store_or_an_experiment(tmp_path, capsys):
+    """`study ui` on a missing store, or with a grid never launched, is a one-line error; nothing is created"""
+    import yaml
+
+    from study.cli import main
+    from tests.conftest import tiny_spec
+
+    assert main(["ui", "--store", f"sqlite:///{tmp_path}/none.db"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --store") and "does not exist" in err and err.count("\n") == 1
+    assert not (tmp_path / "none.db").exists()
+    uri, _ = prepare(f"sqlite:///{tmp_path}/mlflow.db", "other")
+    grid = tmp_path / "g.yaml"
+    grid.write_text(yaml.safe_dump({"name": "g", "base": tiny_spec(tmp_path), "axes": {"seed": [1]}}))
+    assert main(["ui", "--grid", str(grid)]) == 2
+    err = capsys.readouterr().err
+    assert "tracking.experiment: 'tests' is not in" in err, err
+    assert MlflowClient(uri).get_experiment_by_name("tests") is None
+    import argparse
+
+    from study.cli import _ui_experiment
+
+    _, exp_id = prepare(uri, "tests")
+    args = argparse.Namespace(grid=str(grid), store="sqlite:///mlflow.db")
+    assert _ui_experiment(args) == exp_id and args.store == uri  # the grid's store and experiment

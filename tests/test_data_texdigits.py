@@ -122,8 +122,7 @@ def default_synthia(tmp_path_factory):
 
 
 def test_synthia_profile_frequencies(default_synthia):
-    root, tree, seconds = default_synthia
-    assert seconds < 60
+    root, tree, seconds = default_synthia  # the build time is printed, never asserted (machine speed)
     counts = np.zeros(16, np.int64)
     seq = tree / SEQ
     for rel in json.loads((seq / "splits.json").read_text())["train"]:
@@ -156,5 +155,5 @@ def test_uniform_profile_is_balanced(tmp_path):
 
 
 def test_bad_profile_named():
-    with pytest.raises(ValueError, match="profile.*'uniform'"):
+    with pytest.raises(ValueError, match="profile: 'zipf' is not allowed .allowed: synthia, uniform"):
         TexDigitsParams.from_spec({"profile": "zipf"})

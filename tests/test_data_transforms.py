@@ -128,3 +128,111 @@ def test_normalisation_matches_torchvision(bgr):
     x, _ = SegTransform(mean=mean, std=std, bgr=bgr)(image, np.zeros((9, 11), np.uint8))
     ref = TF.normalize(torch.from_numpy(image).permute(2, 0, 1).float(), list(mean), list(std))
     torch.testing.assert_close(x, ref)
+
+
+# ----------------------------------------------------------------------------- released Cityscapes switches
+
+
+def two_class() -> tuple[np.ndarray, np.ndarray]:
+    """Blocks of classes 0 / 7 drawn as 0 / 250 in channel 0 (see test_scale_crop_flip_keep_alignment)."""
+    rng = np.random.default_rng(1)
+    label = np.kron(rng.integers(0, 2, (H // B, W // B)), np.ones((B, B), np.int64)).astype(np.uint8) * 7
+    image = np.zeros((H, W, 3), np.uint8)
+    image[..., 0] = (label > 0) * 250
+    return image, label
+
+
+def assert_aligned(x: torch.Tensor, y: torch.Tensor) -> None:
+    """Pixels whose bilinear value is pure 0 / 250 lie inside one block; the label must name it."""
+    x0, y = x[0].numpy(), y.numpy()
+    pure = (y != 255) & ((x0 == 0) | (x0 == 250))
+    assert pure.sum() > 0.6 * (y != 255).sum()
+    np.testing.assert_array_equal(np.where(x0[pure] == 250, 7, 0), y[pure])
+
+
+def test_scale_set_draws_each_listed_factor_and_nothing_else():
+    image, label = two_class()
+    scales = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
+    seen = set()
+    for seed in range(120):
+        x, y = ident(scale_set=scales)(image, label, torch.Generator().manual_seed(seed))
+        hw = tuple(y.shape)
+        matches = [s for s in scales if hw == (round(H * s), round(W * s))]
+        assert len(matches) == 1, hw
+        seen.add(matches[0])
+        assert_aligned(x, y)
+    assert seen == set(scales)
+    counts = {}
+    for seed in range(600):
+        s = ident(scale_set=(1.0, 2.0))(image, label, torch.Generator().manual_seed(seed))[1].shape[0] // H
+        counts[s] = counts.get(s, 0) + 1
+    assert abs(counts[1] - 300) < 60  # uniform over the list (binomial sd ~12)
+
+
+def test_crop_upscales_a_small_image_as_released():
+    image, label = two_class()  # 48 x 80 (landscape: w >= h), crop 64 x 100 -> factor 64 / 48
+    for seed in range(5):
+        x, y = ident(crop=(64, 100), crop_small="upscale")(image, label, torch.Generator().manual_seed(seed))
+        assert y.shape == (64, 100) and not (y == 255).any()  # nothing padded
+        assert_aligned(x, y)
+    # the enlarged image before the crop: int(f h + 1) x int(f w + 1) with f = 64 / 48
+    from study.data.transforms import upscale_to_crop
+    big_image, big_label = upscale_to_crop(image, label, (64, 100))
+    assert big_label.shape == (int(64 / 48 * 48 + 1), int(64 / 48 * 80 + 1)) == (65, 107)
+    assert big_image.shape[:2] == big_label.shape
+    # portrait image, crop wider than it: f = W_crop / w
+    tall_image, tall_label = image.transpose(1, 0, 2).copy(), label.T.copy()  # 80 x 48
+    _, up = upscale_to_crop(tall_image, tall_label, (60, 60))
+    assert up.shape == (int(60 / 48 * 80 + 1), int(60 / 48 * 48 + 1))
+    # an image that covers the crop is cropped as with padding (same generator, same window)
+    for mode in ("pad", "upscale"):
+        x, y = ident(crop=(32, 40), crop_small=mode)(image, label, torch.Generator().manual_seed(3))
+        if mode == "pad":
+            ref = y
+        else:
+            torch.testing.assert_close(y, ref)
+
+
+def _manual(image, label, gen, steps):
+    """Apply the module's building blocks in the given order (strength 0.5 jitter, crop 32 x 40)."""
+    from study.data.transforms import random_scale_from_set
+    for step in steps:
+        if step == "scale":
+            image, label = random_scale_from_set(image, label, (1.0, 1.25, 1.5), gen)
+        elif step == "crop":
+            image, label = random_crop(image, label, (32, 40), gen, upscale_small=True)
+        elif step == "flip":
+            image, label = random_hflip(image, label, gen)
+        else:
+            image = color_jitter(image, 0.5, gen, bgr=True)
+    return image, label
+
+
+@pytest.mark.parametrize("order,steps", [("scale_crop_flip_jitter", ["scale", "crop", "flip", "jitter"]),
+                                         ("jitter_flip_scale_crop", ["jitter", "flip", "scale", "crop"])])
+def test_augment_order(order, steps):
+    image, label = blocky()
+    tf = ident(scale_set=(1.0, 1.25, 1.5), crop=(32, 40), hflip=True, color_jitter=0.5, crop_small="upscale",
+               augment_order=order)
+    differs = 0
+    for seed in range(6):
+        x, y = tf(image, label, torch.Generator().manual_seed(seed))
+        ref_image, ref_label = _manual(image, label, torch.Generator().manual_seed(seed), steps)
+        np.testing.assert_array_equal(y.numpy(), ref_label)
+        np.testing.assert_array_equal(x.permute(1, 2, 0).numpy(), ref_image.astype(np.float32))
+        other = [s for s in (["scale", "crop", "flip", "jitter"], ["jitter", "flip", "scale", "crop"]) if s != steps][0]
+        alt_image, _ = _manual(image, label, torch.Generator().manual_seed(seed), other)
+        differs += not np.array_equal(alt_image.astype(np.float32), x.permute(1, 2, 0).numpy())
+    assert differs > 0  # the two orders are distinguishable
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"scale": (0.5, 2.0), "scale_set": (1.0, 2.0)}, "scale_set: .* together with scale"),
+    ({"scale_set": ()}, r"scale_set: \(\) is not allowed"),
+    ({"scale_set": (1.0, -2.0)}, "scale_set: .* finite numbers > 0"),
+    ({"crop_small": "stretch"}, r"crop_small: 'stretch' is not allowed \(allowed: \['pad', 'upscale'\]\)"),
+    ({"augment_order": "random"}, "augment_order: 'random' is not allowed"),
+])
+def test_invalid_switches(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        ident(**kw)

@@ -1,5 +1,7 @@
 """Grid expansion: product over axes, overrides, excludes, validation errors naming the combination."""
 
+import re
+
 import pytest
 import yaml
 
@@ -31,7 +33,9 @@ def test_product_overrides_excludes(tmp_path):
     assert len(names) == 4 * 3 - 2
     assert ("recall", 1) in names and ("recall", 2) not in names
     focal = [r for r in grid.runs if r.spec.loss.name == "focal"][0]
-    assert focal.spec.loss.params == {"gamma": 2.0}
+    assert focal.spec.loss.params == {"gamma": 2.0, "alpha": None, "official_compat": False}
+    assert focal.combination == {"loss": "focal", "seed": 1}  # gamma 2 is the default: plain label
+    assert [r.role for r in grid.runs if r.spec.seed == 1] == ["ce", None, "recall", None]
     ohem = [r for r in grid.runs if r.spec.loss.name == "ohem"]
     assert all(r.spec.train.optimizer.lr == 1e-4 and r.resources.timeout_min == 99 for r in ohem)
     assert all(r.resources.timeout_min == 5 for r in grid.runs if r.spec.loss.name != "ohem")
@@ -42,7 +46,7 @@ def test_loss_change_drops_params_of_base_loss(tmp_path):
     grid = load_grid(write(tmp_path, {"base": {**BASE, "loss": {"name": "focal", "params": {"gamma": 3.0}}},
                                       "axes": {"loss": ["ce", "focal"]}}))
     by = {r.spec.loss.name: r.spec.loss.params for r in grid.runs}
-    assert by == {"ce": {}, "focal": {"gamma": 3.0}}
+    assert by == {"ce": {}, "focal": {"gamma": 3.0, "alpha": None, "official_compat": False}}
 
 
 def test_invalid_combination_names_file_and_combination(tmp_path):
@@ -66,16 +70,64 @@ def test_duplicate_runs_are_an_error(tmp_path):
 
 
 def test_unknown_grid_key_and_bad_resources(tmp_path):
-    with pytest.raises(GridError, match="unknown key 'axis'"):
+    with pytest.raises(GridError, match="axis: unknown key"):
         load_grid(write(tmp_path, {"base": BASE, "axis": {}}))
     with pytest.raises(GridError, match="resources.gpu"):
         load_grid(write(tmp_path, {"base": BASE, "axes": {"seed": [1]}, "resources": {"gpu": 1}}))
 
 
+def test_equal_loss_spellings_in_one_grid_are_refused(tmp_path):
+    path = write(tmp_path, {"base": BASE, "axes": {"loss": [{"name": "focal"}, {"name": "focal", "params": {"gamma": 2}}]}})
+    with pytest.raises(GridError, match=r"combinations \[loss=focal\] and \[loss=focal\{'gamma': 2\}\] resolve to the same run"):
+        load_grid(path)
+
+
+@pytest.mark.parametrize("section, rule, words", [
+    ("overrides", [{"when": {"loss.name": "ohme"}, "set": {"train.iterations": 5}}], "overrides[0]: 'when'"),
+    ("exclude", [{"seed": 7}], "exclude[0]: {'seed': 7} matches no combination"),
+])
+def test_rules_that_match_nothing_are_errors(tmp_path, section, rule, words):
+    path = write(tmp_path, {"base": BASE, "axes": {"loss": ["ce", "ohem"], "seed": [1, 2]}, section: rule})
+    with pytest.raises(GridError, match=re.escape(words)):
+        load_grid(path)
+
+
+def test_claims_pick_the_declared_recall_variant(tmp_path):
+    path = write(tmp_path, {"base": BASE, "axes": {"loss": ["ce", "recall", {"name": "recall", "params": {"ema": 0.5}}]},
+                            "claims": {"recall": {"loss.name": "recall", "loss.params.ema": 0.5}}})
+    roles = {r.combination["loss"]: r.role for r in load_grid(path).runs}
+    assert roles == {"ce": "ce", "recall": None, "recall(ema=0.5)": "recall"}
+    with pytest.raises(GridError, match="claims: expected"):
+        load_grid(write(tmp_path, {"base": BASE, "axes": {"seed": [1]}, "claims": {"winner": {"loss.name": "ce"}}}))
+
+
+def _paper_data(tmp_path, monkeypatch):
+    """The paper grids' data and weights as fixture files in the real on-disk formats (nothing downloads)."""
+    import shutil
+
+    import torch
+
+    from study.data.texdigits import TexDigitsParams, ensure_texdigits
+    from study.models import imagenet_checkpoint_path
+    from tests.test_data_cityscapes import write_cityscapes
+
+    monkeypatch.chdir(tmp_path)
+    tree = ensure_texdigits(tmp_path / "gen", TexDigitsParams(num_train=80, num_val=8, num_test=8, height=32, width=32))
+    shutil.copytree(tree, tmp_path / "data" / "synthia")
+    write_cityscapes(tmp_path / "data" / "cityscapes", {"train": 1, "val": 1})
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for backbone in ("paper_resnet18", "resnet18", "resnet50", "resnet101"):
+        path, _ = imagenet_checkpoint_path(backbone)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({}, path)
+
+
 @pytest.mark.parametrize("name", ["demo.yaml", "paper_synthia.yaml", "paper_cityscapes.yaml",
                                   "recall_ablation.yaml", "related_losses.yaml"])
-def test_shipped_grids_expand(name):
+def test_shipped_grids_expand(name, tmp_path, monkeypatch):
     from pathlib import Path
 
-    grid = load_grid(Path(__file__).resolve().parent.parent / "grids" / name)
+    grids = Path(__file__).resolve().parent.parent / "grids"
+    _paper_data(tmp_path, monkeypatch)
+    grid = load_grid(grids / name)
     assert len(grid.runs) >= 3

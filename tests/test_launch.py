@@ -3,14 +3,17 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from study import slurm
 from study.launch import default_parallelism, launch, status
-from study.grid import Resources
+from study.grid import Resources, load_grid
+from study.train import checkpoint_dir
 
 
 def grid_file(tmp_path, tiny, axes, name="g", resources=None, **base_sections):
@@ -78,8 +81,28 @@ def test_dry_run_submits_nothing(tmp_path, tiny):
     summary = launch(path, executor="local", dry_run=True, folder_root=tmp_path / "submitit", log=lines.append)
     assert len(summary["submitted"]) == 3 and sum("submit" in l for l in lines[1:]) == 3
     assert not (tmp_path / "submitit").exists()
-    client, runs = runs_of(tmp_path)
-    assert runs == []
+    assert not (tmp_path / "mlflow.db").exists()  # a dry run is read-only: no store is created
+    rows = status(path, folder_root=tmp_path / "submitit")  # nor does status
+    assert [r["state"] for r in rows] == ["missing"] * 3 and not (tmp_path / "mlflow.db").exists()
+
+
+def test_summary_has_one_row_per_axis_combination_other_than_seed(tmp_path, tiny):
+    """loss x lr x seed: the report must not pool the two learning rates (one row per (loss, lr))."""
+    import pandas as pd
+
+    from analysis.report import write_report
+    from study.grid import load_grid
+
+    path = grid_file(tmp_path, tiny, {"loss": ["ce", "recall"], "train.optimizer.lr": [0.001, 0.0001],
+                                      "seed": [1, 2]}, train={"iterations": 2, "eval_interval": 2})
+    summary = launch(path, executor="debug", folder_root=tmp_path / "submitit", log=quiet)
+    assert len(summary["submitted"]) == 8 and not summary["failed"]
+    out = tmp_path / "report"
+    write_report(f"sqlite:///{tmp_path}/mlflow.db", out, grid=load_grid(path))
+    table = pd.read_csv(out / "tables" / "summary.csv")
+    assert len(table) == 4 and (table["n"] == 2).all()
+    assert sorted(zip(table["loss"], table["train.optimizer.lr"])) == [
+        ("ce", 0.0001), ("ce", 0.001), ("recall", 0.0001), ("recall", 0.001)]
 
 
 def test_default_parallelism_follows_cpus_and_memory():
@@ -138,30 +161,64 @@ def test_slurm_array_runs_grid(slurm_cluster, tmp_path, tiny):
     assert launch(path, executor="slurm", folder_root=tmp_path / "submitit", log=quiet)["submitted"] == []
 
 
+def checkpoint_iteration(folder: Path) -> int | None:
+    """Iteration of the digest-checked ``last.pt`` (None while absent or being replaced)."""
+    from study import checkpoint as ckpt
+
+    try:
+        return int(ckpt.load(folder / "last.pt")["iteration"])
+    except (OSError, ckpt.CorruptCheckpoint, KeyError):
+        return None
+
+
+def wait_until(fn, want, timeout_s: float, what: str):
+    """Poll ``fn()`` every 0.5 s until ``want(value)``; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    value = fn()
+    while not want(value):
+        assert time.monotonic() < deadline, f"{what}: still {value!r} after {timeout_s:.0f} s"
+        time.sleep(0.5)
+        value = fn()
+    return value
+
+
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+
+
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_slurm_timeout_requeues_and_continues_same_run(slurm_cluster, tmp_path, tiny):
-    # ~60 s of training (quiet machine) under a 1 minute limit; Slurm sends the signal 15-45 s before the
-    # limit, so at least one requeue happens; a loaded machine needs more attempts (max_num_timeout)
-    iterations = 800
+def test_slurm_preemption_requeues_and_continues_same_run(slurm_cluster, tmp_path, tiny):
+    # the test preempts the job itself (USR2 to its step, as Slurm's --signal does) once its first checkpoint
+    # exists; the 60-minute limit is never reached and max_num_timeout 0 shows preemptions do not count
+    iterations, first_checkpoint = 150, 10
     path = grid_file(tmp_path, tiny, {"seed": [1]},
-                     train={"iterations": iterations, "eval_interval": iterations, "checkpoint_interval": 20,
-                            "log_interval": 20},
-                     resources={"cpus": 1, "mem_gb": 2, "timeout_min": 1, "partition": slurm_cluster.partition,
-                                "slurm": {"signal_delay_s": 15, "max_num_timeout": 30}})
-    summary = launch(path, executor="slurm", folder_root=tmp_path / "submitit", log=quiet)
-    assert not summary["failed"], slurm_cluster.logs()
+                     train={"iterations": iterations, "eval_interval": iterations,
+                            "checkpoint_interval": first_checkpoint, "log_interval": 10},
+                     resources={"cpus": 1, "mem_gb": 2, "timeout_min": 60, "partition": slurm_cluster.partition,
+                                "slurm": {"max_num_timeout": 0}})
+    summary = launch(path, executor="slurm", wait=False, folder_root=tmp_path / "submitit", log=quiet)
+    (job_id,) = summary["job_ids"].values()
+    folder = checkpoint_dir(load_grid(path).runs[0].spec)
+    reached = wait_until(lambda: checkpoint_iteration(folder), lambda it: it is not None, 600,
+                         f"first checkpoint of job {job_id} in {folder}")
+    # 140 more iterations stand between the first checkpoint and the end: the signal meets a running job
+    assert reached < iterations
+    slurm.cancel([job_id], signal="USR2")
+    state = wait_until(lambda: slurm.job_states([job_id]).get(job_id), lambda s: s in ENDED, 900, f"job {job_id}")
+    logs = "".join(p.read_text() for p in (tmp_path / "submitit").rglob("*_log.*"))
+    assert state == "COMPLETED", (state, logs[-3000:], slurm_cluster.logs())
+    assert "this job is preempted" in logs and "Exiting gracefully after preemption" in logs, logs[-3000:]
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    assert "Restarts=1" in out, out  # requeued once, the same Slurm job
+
     client, runs = runs_of(tmp_path)
     children = [r for r in runs if "study.spec_hash" in r.data.tags]
     assert len(children) == 1, "the requeued job must continue the same MLflow run"
     run = children[0]
     assert run.info.status == "FINISHED" and run.data.tags["study.iteration"] == str(iterations)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
-    assert set(steps) == set(range(1, iterations + 1))
-    (job_id,) = summary["job_ids"].values()
-    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
-    logs = "".join(p.read_text() for p in (tmp_path / "submitit").rglob("*_log.*"))
-    assert "Restarts=1" in out or "SIGUSR2" in logs or "requeu" in logs.lower(), (out, logs[-2000:])
+    assert set(steps) == set(range(1, iterations + 1))  # steps after the checkpoint may be logged twice
+    assert launch(path, executor="slurm", folder_root=tmp_path / "submitit", log=quiet)["submitted"] == []
 
 
 def test_cli_slurm_without_sbatch_is_one_clear_error(tmp_path, tiny, monkeypatch, capsys):

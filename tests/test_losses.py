@@ -18,7 +18,10 @@ import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 
-from study.losses import LOSS_TABLE, LOSSES, NEEDS_CLASS_COUNTS, RECALL_FAMILY, build_loss
+from tests.loss_helpers import ce_px, pixels
+from study.losses import LOSSES, build_loss
+
+NEEDS_CLASS_COUNTS = {n for n, e in LOSSES.items() if "class_counts" in e.needs}
 from study.losses._functional import count_bins, scatter_count
 
 IGNORE = 255
@@ -38,17 +41,8 @@ def make_batch(shape, seed=0, absent=(1,), ignore_frac=0.25, dtype=torch.float64
     return x.requires_grad_(), t
 
 
-def pixels(t):
-    n, h, w = t.shape
-    for a in range(n):
-        for i in range(h):
-            for j in range(w):
-                if int(t[a, i, j]) != IGNORE:
-                    yield a, i, j, int(t[a, i, j])
 
 
-def ce_px(x, a, i, j, y):
-    return torch.logsumexp(x[a, :, i, j], 0) - x[a, y, i, j]
 
 
 def grad_of(loss, x):
@@ -63,22 +57,42 @@ def assert_close_with_grad(ours, ref, x, rtol=1e-7, atol=1e-9):
 def build(name, c, **kw):
     if name in NEEDS_CLASS_COUNTS and "class_counts" not in kw:
         kw["class_counts"] = COUNTS.get(c, [10] * c)
-    return build_loss(name, c, **kw)
+    if name == "semeda":  # standalone: the synthetic-blob edge net (the trainer supplies the training masks)
+        kw.setdefault("edge_net", "blobs")
+    loss = build_loss(name, c, **kw)
+    needs = LOSSES[name].needs & {"image", "features"}
+    return WithRunInputs(loss, needs) if needs else loss
+
+
+class WithRunInputs(torch.nn.Module):
+    """Calls a loss that needs the image / the network's features with fixed ones, as the trainer would."""
+
+    def __init__(self, loss, needs):
+        super().__init__()
+        self.loss, self.needs = loss, needs
+
+    def forward(self, x, t):
+        n, _, h, w = x.shape
+        g = torch.Generator().manual_seed(0)
+        extra = {}
+        if "image" in self.needs:
+            extra["image"] = torch.rand(n, 3, h, w, generator=g).mul(255).to(x.device)
+        if "features" in self.needs:
+            extra["features"] = torch.randn(n, 4, h, w, generator=g).to(x.device)
+        return self.loss(x, t, **extra)
 
 
 # ---------------------------------------------------------------- API
 
 
-def test_tables_and_sets_are_consistent():
-    assert set(LOSS_TABLE) == set(LOSSES)
-    assert all(isinstance(v, tuple) and len(v) == 2 and all(v) for v in LOSS_TABLE.values())
-    required = {n for n, cls in LOSSES.items()
-                if inspect.signature(cls.__init__).parameters.get("class_counts") is not None
-                and inspect.signature(cls.__init__).parameters["class_counts"].default is inspect.Parameter.empty}
+def test_class_count_needs_match_the_constructors():
+    required = {n for n, e in LOSSES.items()
+                if inspect.signature(e.build.__init__).parameters.get("class_counts") is not None
+                and inspect.signature(e.build.__init__).parameters["class_counts"].default is inspect.Parameter.empty}
     assert NEEDS_CLASS_COUNTS == required == {"weighted_ce", "class_balanced"}
-    assert RECALL_FAMILY == {"recall", "recall_focal"}
-    for name, cls in LOSSES.items():
-        assert cls.__doc__ and len(cls.__doc__) > 40, name  # every loss documents its formula
+    assert {n for n, e in LOSSES.items() if e.extra.get("tracks_weights")} == {"recall", "recall_focal"}
+    for name, e in LOSSES.items():
+        assert e.build.__doc__ and len(e.build.__doc__) > 40, name  # every loss documents its formula
 
 
 def test_unknown_name_lists_valid_names():
@@ -109,6 +123,7 @@ def test_missing_class_counts(name):
     ("focal", {"gamma": -1.0}, "gamma"),
     ("focal", {"alpha": [1.0, 2.0]}, "alpha"),
     ("focal", {"gamma": "two"}, "gamma"),
+    ("focal", {"gamma": float("inf")}, "gamma: inf is not allowed"),
     ("ohem", {"thresh": 0.0}, "thresh"),
     ("ohem", {"min_kept": -3}, "min_kept"),
     ("dice", {"smooth": -1.0}, "smooth"),
@@ -136,6 +151,12 @@ def test_all_ignored_batch_gives_attached_zero(name):
     t = torch.full((2, 3, 4), IGNORE)
     loss = build(name, 5)(x, t)
     assert loss.dtype == torch.float32 and loss.dim() == 0
+    if LOSSES[name].extra.get("label_free_term"):
+        # a regularized loss keeps its pairwise term, which uses no labels: the partial CE part is 0
+        ce_part = build_loss(name, 5, weight=0.0, **({"consistency_weight": 0.0} if name == "dfr" else {}))
+        assert float(WithRunInputs(ce_part, LOSSES[name].needs)(x, t).detach()) == 0.0
+        assert loss.grad_fn is not None and math.isfinite(float(loss.detach()))
+        return
     assert loss.grad_fn is not None and float(loss.detach()) == 0.0
     g = grad_of(loss, x)
     assert torch.isfinite(g).all() and (g == 0).all()
@@ -153,7 +174,9 @@ def test_autocast_bf16_computes_in_float32(name):
         assert logits.dtype == torch.bfloat16
         loss = loss_fn(logits, t)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    expected = build(name, 5)(logits.detach().float(), t)
+    reference = build(name, 5)
+    reference.load_state_dict(loss_fn.state_dict())  # same learned parts (DFR's head), same buffers
+    expected = reference(logits.detach().float(), t)
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
     loss.backward()
     assert torch.isfinite(conv.weight.grad).all()
@@ -261,6 +284,36 @@ def test_focal_matches_kornia(shape, gamma, with_alpha):
     assert_close_with_grad(ours, loop, x, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0])
+@pytest.mark.parametrize("with_alpha", [False, True])
+def test_focal_official_compat_is_the_focal_factor_of_the_batch_mean_ce(shape, gamma, with_alpha):
+    """Released FocalLoss: ce = CrossEntropyLoss(weight, ignore_index)(x, t); (1 - exp(-ce))^gamma * ce."""
+    c = shape[1]
+    x, t = make_batch(shape, seed=14)
+    alpha = [0.25 + 0.5 * k for k in range(c)] if with_alpha else None
+    ours = build_loss("focal", c, gamma=gamma, alpha=alpha, official_compat=True)(x, t)
+    # plain loop over the valid pixels
+    w = [alpha[y] if alpha else 1.0 for _, _, _, y in pixels(t)]
+    ce = sum(wk * ce_px(x, a, i, j, y) for wk, (a, i, j, y) in zip(w, pixels(t))) / sum(w)
+    loop = (1 - torch.exp(-ce)) ** gamma * ce
+    assert_close_with_grad(ours, loop, x)
+    # torch's CE module, as the released code builds it
+    kw = {"weight": torch.tensor(alpha, dtype=x.dtype)} if with_alpha else {}
+    ce_torch = F.cross_entropy(x, t, ignore_index=IGNORE, **kw)
+    assert_close_with_grad(ours, (1 - torch.exp(-ce_torch)) ** gamma * ce_torch, x)
+    if gamma > 0:  # not the per-pixel focal loss
+        per_pixel = build_loss("focal", c, gamma=gamma, alpha=alpha)(x, t)
+        assert abs(float((per_pixel - ours).detach())) > 1e-3
+
+
+def test_focal_official_compat_all_ignored_has_finite_zero_gradient_for_small_gamma():
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    loss = build_loss("focal", 4, gamma=0.5, official_compat=True)(x, torch.full((2, 3, 3), IGNORE))
+    assert float(loss.detach()) == 0.0
+    assert (grad_of(loss, x) == 0).all()
+
+
 # ---------------------------------------------------------------- OHEM
 
 
@@ -294,6 +347,18 @@ def test_ohem_official_compat_topk_along_width(shape):
                    for j in range(w)]
             kept += sorted(row, key=lambda v: float(v.detach()), reverse=True)[:k]
     assert_close_with_grad(ours, sum(kept) / len(kept), x)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(6, 4, 3, 5)])
+def test_ohem_official_compat_thresh_one_is_the_plain_mean_over_all_pixels(shape):
+    """Released OhemCrossEntropy2d: `if self.top_k == 1: return torch.mean(loss)` on the
+    reduction='none' CE map, whose ignored pixels are 0 but still counted."""
+    n, c, h, w = shape
+    x, t = make_batch(shape, seed=16)
+    ours = build_loss("ohem", c, thresh=1.0, official_compat=True)(x, t)
+    loop = sum(ce_px(x, a, i, j, y) for a, i, j, y in pixels(t)) / (n * h * w)
+    assert_close_with_grad(ours, loop, x)
+    assert (t == IGNORE).any()  # so the all-pixel denominator differs from the valid-pixel one
 
 
 # ---------------------------------------------------------------- Lovász, Dice, soft IoU
@@ -381,6 +446,7 @@ def test_soft_iou_matches_loop(shape):
     ("class_balanced", {}),
     ("focal", {"gamma": 2.0}),
     ("focal", {"gamma": 1.0, "alpha": [0.5, 1.0, 2.0]}),
+    ("focal", {"gamma": 1.0, "official_compat": True}),
     ("dice", {}),
     ("dice", {"smooth": 1.0}),
     ("soft_iou", {}),

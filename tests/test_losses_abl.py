@@ -78,7 +78,15 @@ def test_hand_computed_1x4():
 # ---------------------------------------------------------------- plain-loop reference
 
 
-def ref_abl(x, t, c, frac, weight=1.0, s=0.2, max_d=20.0):
+def ref_distance(d, integer):
+    """d' from the Euclidean distance d to the nearest GT boundary pixel. integer: the released arithmetic,
+    the signed value 1 - d stored in an int32 array (C truncation towards zero), then negated and clipped."""
+    if integer:
+        return max(-int(1.0 - d), 0) if d > 0 else 0
+    return max(d - 1, 0.0)
+
+
+def ref_abl(x, t, c, frac, weight=1.0, s=0.2, max_d=20.0, integer=False):
     n, _, h, w = x.shape
     logp = torch.log_softmax(x, 1)
     lq = logp.detach()
@@ -113,7 +121,7 @@ def ref_abl(x, t, c, frac, weight=1.0, s=0.2, max_d=20.0):
               or (i + 1 < h and lab(a, i + 1, j) != lab(a, i, j)) or (j + 1 < w and lab(a, i, j + 1) != lab(a, i, j))]
         for i in range(h):
             for j in range(w):
-                dist[a, i, j] = max(min(math.hypot(i - u, j - v) for u, v in bd) - 1, 0.0) if bd else 0.0
+                dist[a, i, j] = ref_distance(min(math.hypot(i - u, j - v) for u, v in bd), integer) if bd else 0.0
 
     num = x.sum() * 0
     for a, i, j in pred:
@@ -132,6 +140,21 @@ def ref_abl(x, t, c, frac, weight=1.0, s=0.2, max_d=20.0):
     return ce + weight * abl, len(pred)
 
 
+def test_released_integer_distance_map_matches_brute_force():
+    t = blob_target(2, 9, 13, 4, seed=7)
+    boundary = gt_boundary(extended_target(t, 4, IGNORE), 4)
+    ours = boundary_distance(boundary, torch.float64, integer=True)
+    floats = boundary_distance(boundary, torch.float64)
+    n, h, w = t.shape
+    for a in range(n):
+        bd = [(u, v) for u in range(h) for v in range(w) if boundary[a, u, v]]
+        for i in range(h):
+            for j in range(w):
+                d = min(math.hypot(i - u, j - v) for u, v in bd)
+                assert float(ours[a, i, j]) == ref_distance(d, integer=True)
+    assert (ours != floats).any()  # the truncation matters on this image
+
+
 def blob_target(n, h, w, c, seed, absent=(1,), ignore_frac=0.1):
     g = torch.Generator().manual_seed(seed)
     keep = torch.tensor([k for k in range(c) if k not in absent])
@@ -143,14 +166,18 @@ def blob_target(n, h, w, c, seed, absent=(1,), ignore_frac=0.1):
 
 @pytest.mark.parametrize("shape,frac,weight,seed", [((2, 4, 9, 11), 1.0, 1.0, 0), ((2, 4, 9, 11), 0.08, 0.5, 1),
                                                     ((1, 3, 12, 10), 0.03, 2.0, 2)])
-def test_matches_plain_loop_reference(shape, frac, weight, seed):
+@pytest.mark.parametrize("official_compat", [False, True])
+def test_matches_plain_loop_reference(shape, frac, weight, seed, official_compat):
     n, c, h, w = shape
     t = blob_target(n, h, w, c, seed)
     g = torch.Generator().manual_seed(seed + 10)
     x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).requires_grad_()
-    ours = build_loss("abl", c, max_boundary_fraction=frac, weight=weight)(x, t)
-    ref, n_pred = ref_abl(x, t, c, frac, weight)
+    ours = build_loss("abl", c, max_boundary_fraction=frac, weight=weight, official_compat=official_compat)(x, t)
+    ref, n_pred = ref_abl(x, t, c, frac, weight, integer=official_compat)
     assert n_pred > 0
+    if official_compat and frac == 1.0:  # the integer map changes the loss here
+        other, _ = ref_abl(x, t, c, frac, weight, integer=False)
+        assert abs(float((other - ref).detach())) > 1e-6
     torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-12)
     g1, g2 = (torch.autograd.grad(v, x, retain_graph=True)[0] for v in (ours, ref))
     torch.testing.assert_close(g1, g2, rtol=1e-9, atol=1e-12)

@@ -12,6 +12,11 @@ import pytest
 import torch
 
 from study.losses import build_loss
+from tests.loss_helpers import random_batch
+
+
+def make_batch(shape, seed, absent=(1,), ignore_frac=0.25):
+    return random_batch(shape, seed, absent, ignore_frac)
 from study.losses.auto_seg import PRESETS, bezier_h
 
 IGNORE = 255
@@ -66,13 +71,17 @@ def ref_h(v, params):
     return (1 - t) ** 2 * y0 + 2 * t * (1 - t) * y1 + t ** 2 * y2
 
 
-def ref_loss(x, t, c, metric, curves):
+def ref_loss(x, t, c, metric, curves, reduction="all_classes"):
+    """1 - mean of the per-class scores: over all C classes (official: an absent class scores 0, its
+    intersection being empty) or over the classes present in the batch."""
     n, _, h, w = x.shape
     p = torch.softmax(x, 1)
     scores = []
     for k in range(c):
         pix = [(a, i, j) for a in range(n) for i in range(h) for j in range(w) if int(t[a, i, j]) == k]
         if not pix:
+            if reduction == "all_classes":
+                scores.append(0.0)
             continue
         if metric == "macc":
             scores.append(sum(curves["h"](p[a, k, i, j]) for a, i, j in pix) / len(pix))
@@ -89,20 +98,13 @@ def ref_loss(x, t, c, metric, curves):
     return 1 - sum(scores) / len(scores)
 
 
-def make_batch(shape, seed, absent=(1,), ignore_frac=0.25):
-    n, c, h, w = shape
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).requires_grad_()
-    keep = torch.tensor([k for k in range(c) if k not in absent])
-    t = keep[torch.randint(len(keep), (n, h, w), generator=g)]
-    t[torch.rand(n, h, w, generator=g) < ignore_frac] = IGNORE
-    return x, t
 
 
 @pytest.mark.parametrize("metric,params", [("macc", "identity"), ("miou", "identity"), ("macc", "macc_searched"),
                                            ("miou", "miou_searched"), ("macc", list(CURVES[3])),
                                            ("miou", {"and": CURVES[3], "or": CURVES[0]})])
-def test_surrogate_matches_loop_reference(metric, params):
+@pytest.mark.parametrize("reduction", ["all_classes", "present_classes"])
+def test_surrogate_matches_loop_reference(metric, params, reduction):
     shape = (2, 4, 4, 5)
     x, t = make_batch(shape, seed=len(str(params)) + (metric == "miou"))
     if params == "identity":
@@ -110,8 +112,9 @@ def test_surrogate_matches_loop_reference(metric, params):
     else:
         raw = PRESETS[params] if isinstance(params, str) else params if isinstance(params, dict) else {"h": params}
         curves = {k: (lambda v, cp=tuple(cp): ref_h(v, cp)) for k, cp in raw.items()}
-    ours = build_loss("auto_seg", shape[1], metric=metric, params=params)(x, t)
-    ref = ref_loss(x, t, shape[1], metric, curves)
+    ours = build_loss("auto_seg", shape[1], metric=metric, params=params, reduction=reduction)(x, t)
+    ref = ref_loss(x, t, shape[1], metric, curves, reduction)
+    assert (t == 1).sum() == 0  # class 1 absent: the reductions differ
     torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-12)
     g1, g2 = (torch.autograd.grad(v, x, retain_graph=True)[0] for v in (ours, ref))
     torch.testing.assert_close(g1, g2, rtol=1e-7, atol=1e-10)
@@ -120,9 +123,11 @@ def test_surrogate_matches_loop_reference(metric, params):
 
 @pytest.mark.parametrize("metric", ["miou", "macc"])
 def test_perfect_prediction_and_ignored_logits(metric):
-    x, t = make_batch((2, 5, 8, 8), seed=3)
+    x, t = make_batch((2, 5, 8, 8), seed=3)  # class 1 absent
     onehot = torch.nn.functional.one_hot(torch.where(t == IGNORE, 0, t), 5).permute(0, 3, 1, 2).double()
-    loss_fn = build_loss("auto_seg", 5, metric=metric)
+    # official reduction: the absent class scores 0 out of C = 5
+    assert float(build_loss("auto_seg", 5, metric=metric)(onehot * 60.0, t)) == pytest.approx(1 / 5, abs=1e-9)
+    loss_fn = build_loss("auto_seg", 5, metric=metric, reduction="present_classes")
     assert float(loss_fn(onehot * 60.0, t)) == pytest.approx(0.0, abs=1e-9)
     assert float(loss_fn(x.detach(), t)) > 0.2
     # logits at ignored pixels do not matter
@@ -157,6 +162,7 @@ def test_ce_weight_adds_cross_entropy():
     ({"metric": "macc", "params": [0.1, 0.2, 0.3, 0.4, 0.9, 1.5]}, r"\[0, 1\]"),
     ({"metric": "miou", "params": {"and": CURVES[0]}}, "keys"),
     ({"ce_weight": -1.0}, "ce_weight"),
+    ({"reduction": "mean"}, r"reduction: 'mean' is not allowed \(allowed: \['all_classes', 'present_classes'\]\)"),
 ])
 def test_invalid_params(params, key):
     with pytest.raises(ValueError, match=key):

@@ -1,4 +1,5 @@
-"""Recall loss and recall-focal loss against plain-loop references of DESIGN.md §1.
+"""Recall loss and recall-focal loss against plain-loop references of the paper's formula
+(Tian et al., ICRA 2022) and of the released / development code's arithmetic.
 
 The references use argmax predictions pixel by pixel (the library uses the max-logit shortcut), on
 logits drawn without ties, with ignored pixels (255) and classes absent from the batch; values,
@@ -8,11 +9,15 @@ gradients (torch.autograd.grad) and the weights exposed in ``last_weights`` are 
 from __future__ import annotations
 
 import io
+import math
 
 import pytest
 import torch
 
-from study.losses import RECALL_FAMILY, build_loss
+from tests.loss_helpers import ce_px, pixels
+from study.losses import build_loss
+
+RECALL_FAMILY = ("recall", "recall_focal")
 
 IGNORE = 255
 SHAPES = [(2, 5, 4, 6), (1, 3, 5, 5), (3, 7, 3, 4)]
@@ -29,17 +34,8 @@ def make_batch(shape, seed=0, absent=(1,), ignore_frac=0.25, dtype=torch.float64
     return x.requires_grad_(), t
 
 
-def pixels(t):
-    n, h, w = t.shape
-    for a in range(n):
-        for i in range(h):
-            for j in range(w):
-                if int(t[a, i, j]) != IGNORE:
-                    yield a, i, j, int(t[a, i, j])
 
 
-def ce_px(x, a, i, j, y):
-    return torch.logsumexp(x[a, :, i, j], 0) - x[a, y, i, j]
 
 
 def ref_counts(x, t):
@@ -68,11 +64,18 @@ def ref_released_weights(fn, gt):
     return [f / g for f, g in zip(fn_counter, gt_counter)]
 
 
-def ref_loss(x, t, w, gamma=None, over_all_pixels=False):
+def focal_weight(ce, gamma, detached):
+    """(1 - exp(-CE))^gamma: a tensor of the logits, or (development code) a plain number."""
+    if detached:
+        return (1.0 - math.exp(-float(ce.detach()))) ** gamma
+    return (1 - torch.exp(-ce)) ** gamma
+
+
+def ref_loss(x, t, w, gamma=None, over_all_pixels=False, detached=False):
     total = 0.0
     for a, i, j, y in pixels(t):
         ce = ce_px(x, a, i, j, y)
-        mod = 1.0 if gamma is None else (1 - torch.exp(-ce)) ** gamma
+        mod = 1.0 if gamma is None else focal_weight(ce, gamma, detached)
         total = total + mod * w[y] * ce
     den = t.numel() if over_all_pixels else int((t != IGNORE).sum())
     return total / den
@@ -131,8 +134,10 @@ def test_tie_with_target_logit_counts_as_correct():
     assert loss.last_weights.tolist() == [1.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("name,params,gamma", FAMILY[:2])
+@pytest.mark.parametrize("name,params,gamma", FAMILY[:3])
 def test_official_compat_matches_released_arithmetic(name, params, gamma):
+    """Released recall loss / development recall-focal: counters from 1, mean over all N*H*W pixels,
+    and for recall-focal p = exp(-CE).detach(), loss = (1 - p)^gamma * w[target] * CE."""
     for seed, shape in enumerate(SHAPES):
         x, t = make_batch(shape, seed=10 + seed)
         with torch.no_grad():  # make one present class free of false negatives: weight 1/GT_c
@@ -141,7 +146,21 @@ def test_official_compat_matches_released_arithmetic(name, params, gamma):
         fn, gt = ref_counts(x, t)
         w = ref_released_weights(fn, gt)
         assert w[1] == 1.0 and gt[0] > 0 and w[0] == pytest.approx(1 / gt[0])
-        check(loss(x, t), ref_loss(x, t, w, gamma, over_all_pixels=True), x, loss, w)
+        check(loss(x, t), ref_loss(x, t, w, gamma, over_all_pixels=True, detached=True), x, loss, w)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 2.0])
+def test_recall_focal_official_compat_factor_carries_no_gradient(gamma):
+    x, t = make_batch((2, 5, 4, 6), seed=15)
+    fn, gt = ref_counts(x, t)
+    w = ref_released_weights(fn, gt)
+    ours = build_loss("recall_focal", 5, gamma=gamma, official_compat=True)(x, t)
+    attached = ref_loss(x, t, w, gamma, over_all_pixels=True, detached=False)
+    detached = ref_loss(x, t, w, gamma, over_all_pixels=True, detached=True)
+    torch.testing.assert_close(ours.detach(), attached.detach())  # same value either way
+    g_ours, g_att, g_det = grad_of(ours, x), grad_of(attached, x), grad_of(detached, x)
+    torch.testing.assert_close(g_ours, g_det)
+    assert (g_ours - g_att).abs().max() > 1e-4  # the detach changes the gradient
 
 
 def run_ema_reference(batches, c, alpha, compat=False, gamma=None):
@@ -151,7 +170,7 @@ def run_ema_reference(batches, c, alpha, compat=False, gamma=None):
         fn, gt = ref_counts(x, t)
         r = ref_released_weights(fn, gt) if compat else ref_paper_weights(fn, gt)
         w = [alpha * r[k] + (1 - alpha) * w[k] if gt[k] > 0 else w[k] for k in range(c)]
-        out.append((ref_loss(x, t, w, gamma, over_all_pixels=compat), list(w)))
+        out.append((ref_loss(x, t, w, gamma, over_all_pixels=compat, detached=compat), list(w)))
     return out
 
 
@@ -207,8 +226,10 @@ def test_ema_weights_survive_state_dict_round_trip(name):
     assert not torch.equal(fresh.last_weights, resumed.last_weights)
 
 
-@pytest.mark.parametrize("name", sorted(RECALL_FAMILY))
-@pytest.mark.parametrize("params", [{}, {"ema": 0.5}, {"official_compat": True}])
+@pytest.mark.parametrize("name,params", [(n, p) for n in sorted(RECALL_FAMILY)
+                                         for p in ({}, {"ema": 0.5}, {"official_compat": True})
+                                         # its detached focal factor is not the value's derivative by design
+                                         if not (n == "recall_focal" and p.get("official_compat"))])
 def test_gradcheck_with_weights_fixed(name, params):
     # weights are piecewise constant in the logits; with random logits no argmax flips within eps
     x, t = make_batch((2, 3, 3, 4), seed=30, absent=(2,))

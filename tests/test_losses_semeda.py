@@ -12,6 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from study.losses import build_loss
+from tests.loss_helpers import random_batch
+
+
+def make_batch(shape, seed, absent=(1,), ignore_frac=0.2):
+    return random_batch(shape, seed, absent, ignore_frac)
 from study.losses._functional import extended_target
 from study.losses.semeda import BlobMasks, edge_targets, load_edge_net, train_edge_net
 
@@ -25,7 +30,7 @@ def cache(tmp_path):
 
 
 def build(cache, c=4, **kw):
-    return build_loss("semeda", c, cache_dir=str(cache), train_steps=STEPS, widths=[4, 8], **kw)
+    return build_loss("semeda", c, cache_dir=str(cache), train_steps=STEPS, widths=[4, 8], **{"edge_net": "blobs", **kw})
 
 
 def test_edge_targets_hand_case():
@@ -52,14 +57,6 @@ def reference_features(net, m):
     return feats
 
 
-def make_batch(shape, seed, absent=(1,), ignore_frac=0.2):
-    n, c, h, w = shape
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2).requires_grad_()
-    keep = torch.tensor([k for k in range(c) if k not in absent])
-    t = keep[torch.randint(len(keep), (n, h, w), generator=g)]
-    t[torch.rand(n, h, w, generator=g) < ignore_frac] = IGNORE
-    return x, t
 
 
 @pytest.mark.parametrize("distance,weight", [("l1", 1.0), ("l2", 0.3)])
@@ -97,14 +94,14 @@ def test_perfect_prediction_and_finite_gradients(cache):
 
 def test_cache_reuse_and_key(cache, caplog):
     rng = torch.get_rng_state()
-    with caplog.at_level(logging.INFO, logger="study.losses.semeda"):
+    with caplog.at_level(logging.INFO, logger="study.models.edge_net"):
         net1, path1 = train_edge_net(3, None, STEPS, widths=(4, 8), cache_dir=cache)
         assert "training SEMEDA edge net" in caplog.text
         mtime = path1.stat().st_mtime_ns
         caplog.clear()
         net2, path2 = train_edge_net(3, None, STEPS, widths=(4, 8), cache_dir=cache)
         assert "training SEMEDA" not in caplog.text  # loaded, not retrained
-        build_loss("semeda", 3, cache_dir=str(cache), train_steps=STEPS, widths=[4, 8])
+        build_loss("semeda", 3, cache_dir=str(cache), train_steps=STEPS, widths=[4, 8], edge_net="blobs")
         assert "training SEMEDA" not in caplog.text
         _, path3 = train_edge_net(3, None, STEPS + 1, widths=(4, 8), cache_dir=cache)
         assert "training SEMEDA" in caplog.text and path3 != path1  # another key
@@ -134,3 +131,23 @@ def test_env_cache_dir_and_edge_net_path_from_masks(tmp_path, monkeypatch):
 def test_invalid_params(cache, params, key):
     with pytest.raises(ValueError, match=key):
         build(cache, **params)
+
+
+def test_default_edge_net_is_trained_on_the_masks_it_is_given(tmp_path):
+    """edge_net: train_masks (default) trains on the given label maps and caches by their digest."""
+    import numpy as np
+
+    masks = np.zeros((4, 24, 24), dtype=np.uint8)
+    masks[:, :, 12:] = 1
+    masks[1:, 8:16, :] = 2
+    a = build_loss("semeda", 3, cache_dir=str(tmp_path), train_steps=STEPS, widths=[4, 8], train_masks=masks)
+    b = build_loss("semeda", 3, cache_dir=str(tmp_path), train_steps=STEPS, widths=[4, 8], train_masks=masks)
+    blobs = build_loss("semeda", 3, cache_dir=str(tmp_path), train_steps=STEPS, widths=[4, 8], edge_net="blobs")
+    assert a.edge_net_file == b.edge_net_file and a.edge_net_file.is_file()  # one network per set of masks
+    assert blobs.edge_net_file != a.edge_net_file
+    other = masks.copy()
+    other[0, 0, 0] = 2
+    c = build_loss("semeda", 3, cache_dir=str(tmp_path), train_steps=STEPS, widths=[4, 8], train_masks=other)
+    assert c.edge_net_file != a.edge_net_file  # other data, another network
+    with pytest.raises(ValueError, match="edge_net: 'train_masks' needs the training split's masks"):
+        build_loss("semeda", 3, cache_dir=str(tmp_path), train_steps=STEPS, widths=[4, 8])

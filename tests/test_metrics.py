@@ -235,3 +235,77 @@ def test_iou_matches_cityscapesscripts_pixel_evaluation(tmp_path, monkeypatch):
     np.testing.assert_allclose(ours["iou"], theirs, rtol=1e-12, equal_nan=True)
     assert ours["miou"] == pytest.approx(result["averageScoreClasses"], rel=1e-12)
     assert list(tmp_path.glob("**/*.json")) == []
+
+
+# ----------------------------------------------------------------------------- CPU chunked / threaded path
+
+
+def _loop_confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> np.ndarray:
+    """Plain-loop reference with an arbitrary ignore index."""
+    m = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for p, t in zip(pred.reshape(-1).tolist(), target.reshape(-1).tolist()):
+        if 0 <= t < num_classes and t != ignore_index and 0 <= p < num_classes:
+            m[t, p] += 1
+    return m
+
+
+def _mixed_labels(seed: int, num_classes: int, shape: tuple[int, ...], ignore_index: int):
+    """Labels with ignored pixels, plus a few out-of-range ids confined to some regions so that
+    some chunks take the fast path and others the fallback."""
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(num_classes, shape, generator=g)
+    target[torch.rand(shape, generator=g) < 0.1] = ignore_index
+    pred = torch.where(torch.rand(shape, generator=g) < 0.7, target.clamp(0, num_classes - 1),
+                       torch.randint(num_classes, shape, generator=g))
+    flat_p, flat_t = pred.view(-1), target.view(-1)
+    # one kind of bad id per 1000-pixel block (the chunk size the tests use), so that no other bad
+    # id in the same chunk can hide a wrong bound check
+    bad_pred = [num_classes, -1, num_classes + 1, 70000]
+    bad_target = [-1, num_classes, 5000, 70000, -70000]
+    for k, value in enumerate(bad_pred + bad_target):
+        where = (flat_p if k < len(bad_pred) else flat_t)
+        where[(1000 * k + 500) % where.numel()] = value
+    return pred, target
+
+
+@pytest.mark.parametrize("num_classes,ignore_index,dtype", [
+    (19, 255, torch.int64), (19, 255, torch.int32), (19, 0, torch.int64), (19, -1, torch.int64),
+    (16, 255, torch.int16), (150, 300, torch.int64),  # (300 + 1) * 150 bins: the int32 index path
+])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_chunked_threaded_cpu_counts_equal_plain_loop(monkeypatch, num_classes, ignore_index, dtype, threads):
+    import study.metrics as metrics
+
+    monkeypatch.setattr(metrics, "_CPU_CHUNK", 1000)  # ~11 chunks, some with out-of-range ids
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        pred, target = _mixed_labels(num_classes + threads, num_classes, (3, 37, 101), ignore_index)
+        pred, target = pred.to(dtype), target.to(dtype)  # the reference sees the same (wrapped) ids
+        cm = ConfusionMatrix(num_classes, ignore_index=ignore_index)
+        cm.update(pred, target)
+        cm.update(pred[1:2], target[1:2])  # a second update accumulates
+    finally:
+        torch.set_num_threads(previous)
+    ref = _loop_confusion(pred, target, num_classes, ignore_index) + _loop_confusion(pred[1:2], target[1:2],
+                                                                                     num_classes, ignore_index)
+    assert cm.mat.dtype == torch.int64
+    np.testing.assert_array_equal(cm.mat.numpy(), ref)
+
+
+def test_uint8_and_non_contiguous_inputs():
+    pred, target = _mixed_labels(3, 19, (2, 40, 60), 255)
+    pred, target = pred.clamp(0, 255), target.clamp(0, 255)  # representable in uint8
+    cm = ConfusionMatrix(19)
+    cm.update(pred.to(torch.uint8).transpose(1, 2), target.to(torch.uint8).transpose(1, 2))
+    ref = _loop_confusion(pred.transpose(1, 2), target.transpose(1, 2), 19, 255)
+    np.testing.assert_array_equal(cm.mat.numpy(), ref)
+
+
+@pytest.mark.parametrize("ignore_index", [255, 2, -1])
+def test_device_path_equals_plain_loop_on_cpu_tensors(ignore_index):
+    from study.metrics import _counts_device
+
+    pred, target = _mixed_labels(11, 7, (2, 30, 50), ignore_index)
+    counts = _counts_device(pred.reshape(-1), target.reshape(-1), 7, ignore_index)
+    np.testing.assert_array_equal(counts.numpy(), _loop_confusion(pred, target, 7, ignore_index))

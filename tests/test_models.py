@@ -145,7 +145,7 @@ def test_paper_resnet18_structure_and_parameter_count():
             expected += _bottleneck_params(inplanes, planes, downsample=(i == 0))
             inplanes = planes * 4
     assert _n_params(bb) == expected
-    assert _n_params(bb) == pytest.approx(18.4e6, rel=0.005)  # DESIGN.md §1 item 7
+    assert _n_params(bb) == pytest.approx(18.4e6, rel=0.005)  # the released backbone
     assert [len(bb.layer1), len(bb.layer2), len(bb.layer3), len(bb.layer4)] == [2, 2, 2, 3]
     assert all(isinstance(b, torchvision.models.resnet.Bottleneck) for b in bb.layer4)
     assert [b.conv2.dilation[0] for b in bb.layer4] == [2, 4, 8]  # multi-grid [1,2,4] x 2 at OS16
@@ -169,7 +169,7 @@ def test_paper_backbone_takes_a_third_of_resnet18_imagenet():
     model = build_model("deeplabv3plus", "paper_resnet18", C)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     frac = load_paper_backbone_imagenet(model, r18)
-    assert frac == pytest.approx(0.34, abs=0.01)  # DESIGN.md §1 item 7
+    assert frac == pytest.approx(0.34, abs=0.01)  # the released backbone
     after = model.backbone.state_dict()
     copied = [k for k in after if k in r18 and r18[k].shape == after[k].shape]
     assert "conv1.weight" in copied and "layer1.0.conv2.weight" in copied and "layer4.0.conv2.weight" in copied
@@ -179,6 +179,108 @@ def test_paper_backbone_takes_a_third_of_resnet18_imagenet():
     assert torch.equal(after["layer1.0.conv1.weight"], before["layer1.0.conv1.weight"])
     filled = sum(after[k].numel() for k in copied) / sum(v.numel() for v in after.values())
     assert frac == pytest.approx(filled)
+
+
+# ----------------------------------------------------------------------------- released DeepLabV3+ head
+
+
+def _layer_signature(seq: nn.Sequential) -> list[tuple]:
+    """(kind, in, out, kernel, dilation, has_bias) for convs, ("drop", p) for dropouts, kind for others."""
+    sig = []
+    for m in seq:
+        if isinstance(m, nn.Conv2d):
+            sig.append(("conv", m.in_channels, m.out_channels, m.kernel_size[0], m.dilation[0], m.bias is not None))
+        elif isinstance(m, nn.Dropout):
+            sig.append(("drop", m.p))
+        else:
+            sig.append(type(m).__name__)
+    return sig
+
+
+def test_released_network_has_the_released_parameter_count_and_dropouts():
+    model = build_model("deeplabv3plus", "paper_resnet18", 16, decoder="official")
+    net = model.net
+    # the released network (ptsemseg DeepLab on the Bottleneck "resnet18", 16 classes)
+    assert _n_params(model) == 35_251_632
+    assert _n_params(model.backbone) == 18_408_768
+    assert _n_params(net.aspp) == 15_535_104
+    assert _n_params(net.decoder) == 1_307_760
+    # today's default (smp head) stays the lighter network
+    assert _n_params(build_model("deeplabv3plus", "paper_resnet18", 16)) == 34_109_792
+
+    aspp = net.aspp
+    assert [_layer_signature(b)[0] for b in aspp.branches] == [
+        ("conv", 2048, 256, 1, 1, False), ("conv", 2048, 256, 3, 6, False),
+        ("conv", 2048, 256, 3, 12, False), ("conv", 2048, 256, 3, 18, False)]
+    assert isinstance(aspp.image_pool[0], nn.AdaptiveAvgPool2d)
+    assert _layer_signature(aspp.image_pool[1:]) == [("conv", 2048, 256, 1, 1, False), "BatchNorm2d", "ReLU"]
+    assert _layer_signature(aspp.project) == [("conv", 1280, 256, 1, 1, False), "BatchNorm2d", "ReLU", ("drop", 0.5)]
+    dec = net.decoder
+    assert _layer_signature(dec.low_level) == [("conv", 256, 48, 1, 1, False), "BatchNorm2d", "ReLU"]
+    assert _layer_signature(dec.fuse) == [
+        ("conv", 304, 256, 3, 1, False), "BatchNorm2d", "ReLU", ("drop", 0.5),
+        ("conv", 256, 256, 3, 1, False), "BatchNorm2d", "ReLU", ("drop", 0.1),
+        ("conv", 256, 16, 1, 1, True)]
+    drops = [(n, m.p) for n, m in model.named_modules() if isinstance(m, nn.Dropout)]
+    assert drops == [("net.aspp.project.3", 0.5), ("net.decoder.fuse.3", 0.5), ("net.decoder.fuse.7", 0.1)]
+
+    os8 = build_model("deeplabv3plus", "paper_resnet18", 16, output_stride=8, decoder="official").net
+    assert [b[0].dilation[0] for b in os8.aspp.branches[1:]] == [12, 24, 36]
+    assert [b.conv2.dilation[0] for b in os8.encoder.layer4] == [4, 8, 16]
+
+
+def _aligned_bilinear(src: torch.Tensor, out_hw, i: int, j: int) -> torch.Tensor:
+    """Value at output pixel (i, j) of an align_corners=True bilinear resize of ``src`` to ``out_hw``."""
+    (h_in, w_in), (h_out, w_out) = src.shape[-2:], out_hw
+    i, j = i % h_out, j % w_out
+    y = i * (h_in - 1) / (h_out - 1) if h_out > 1 else 0.0
+    x = j * (w_in - 1) / (w_out - 1) if w_out > 1 else 0.0
+    y0, x0 = min(int(y), h_in - 1), min(int(x), w_in - 1)
+    y1, x1 = min(y0 + 1, h_in - 1), min(x0 + 1, w_in - 1)
+    dy, dx = y - y0, x - x0
+    return ((1 - dy) * ((1 - dx) * src[..., y0, x0] + dx * src[..., y0, x1])
+            + dy * ((1 - dx) * src[..., y1, x0] + dx * src[..., y1, x1]))
+
+
+def test_released_head_upsamples_with_aligned_corners_at_any_input_size():
+    torch.manual_seed(0)
+    model = build_model("deeplabv3plus", "paper_resnet18", C, decoder="official").eval()
+    seen = {}
+    model.net.aspp.register_forward_hook(lambda m, i, o: seen.__setitem__("aspp", o))
+    model.net.decoder.fuse.register_forward_hook(lambda m, i, o: seen.__setitem__("fuse", (i[0], o)))
+    x = torch.randn(1, 3, 37, 53)  # not a multiple of the output stride: nothing is padded
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (1, C, 37, 53)
+    fuse_in, low_logits = seen["fuse"]
+    assert low_logits.shape[-2:] == (10, 14)  # stride-4 features of a 37x53 input
+    # bilinear with align_corners=True: output pixel i samples the source at i * (h_in - 1) / (h_out - 1)
+    for small, big in [(seen["aspp"], fuse_in[:, :256]), (low_logits, out)]:
+        for i, j in [(0, 0), (1, 2), (5, 7), (big.shape[-2] - 2, big.shape[-1] - 3), (-1, -1)]:
+            torch.testing.assert_close(big[..., i, j], _aligned_bilinear(small, big.shape[-2:], i, j))
+    assert fuse_in.shape[1] == 304  # ASPP (256) first, then the 48 low-level channels
+
+
+def test_released_head_trains_and_takes_the_paper_imagenet_subset():
+    torch.manual_seed(0)
+    model = build_model("deeplabv3plus", "paper_resnet18", C, decoder="official").train()
+    target = torch.randint(C, (2, 33, 47))
+    target[:, :4] = 255
+    loss = nn.functional.cross_entropy(model(torch.randn(2, 3, 33, 47)), target, ignore_index=255)
+    loss.backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    assert model.net.encoder.conv1.weight.grad.abs().sum() > 0
+    frac = load_paper_backbone_imagenet(model, torchvision.models.resnet18().state_dict())
+    assert frac == pytest.approx(0.34, abs=0.01)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
+def test_released_head_on_other_deeplabv3plus_backbones(backbone):
+    model = build_model("deeplabv3plus", backbone, C, decoder="official").eval()
+    low = model.backbone.out_channels[2]
+    assert model.net.decoder.low_level[0].in_channels == low
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 41, 50)).shape == (1, C, 41, 50)
 
 
 # ----------------------------------------------------------------------------- pretrained
@@ -257,3 +359,7 @@ def test_invalid_choices_list_valid_ones():
         build_model("deeplabv3plus", "resnet18", C, output_stride=32)
     with pytest.raises(ValueError, match="num_classes"):
         build_model("deeplabv3plus", "resnet18", 0)
+    with pytest.raises(ValueError, match=r"decoder: 'ptsemseg' is not allowed \(allowed: \['smp', 'official'\]\)"):
+        build_model("deeplabv3plus", "resnet18", C, decoder="ptsemseg")
+    with pytest.raises(ValueError, match="decoder: 'official' is not allowed for arch 'lraspp'"):
+        build_model("lraspp", "mobilenet_v3_small", C, decoder="official")

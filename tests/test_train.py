@@ -105,7 +105,7 @@ def test_corrupt_checkpoint_falls_back_to_previous(tiny):
 class NaNLoss(torch.nn.Module):
     """Returns NaN from the third call on (a diverging run)."""
 
-    def __init__(self, num_classes, ignore_index=255):
+    def __init__(self, num_classes: int, ignore_index: int = 255):
         super().__init__()
         self.calls = 0
 
@@ -116,7 +116,10 @@ class NaNLoss(torch.nn.Module):
 
 
 def test_nan_loss_fails_the_run_with_reason(tiny, monkeypatch):
-    monkeypatch.setitem(study_losses.LOSSES, "nan_after_2", NaNLoss)
+    from study.components import Component
+
+    monkeypatch.setitem(study_losses.LOSSES, "nan_after_2",
+                        Component("nan_after_2", NaNLoss, supplied=("num_classes", "ignore_index")))
     spec = from_dict(tiny(loss={"name": "nan_after_2"}))
     with pytest.raises(TrainingFailed, match="non-finite loss"):
         train(spec, progress=False)
@@ -145,3 +148,20 @@ def test_cli_run_prints_where_the_run_is(tiny, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "study", "run", str(path), "--set", "loss.name=hinge"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "loss.name" in bad.stderr and "recall" in bad.stderr
+
+
+@pytest.mark.parametrize("loss", ["ce", "dense_crf", "dfr"])
+def test_training_on_scribbles_finishes(tiny, loss):
+    """data.supervision: scribble trains on scribbles (a few % of the training pixels labelled), the
+    regularized losses get the image (and DFR the network's features); the run is FINISHED and logs
+    the labelled fraction of each split (validation and test keep full labels)."""
+    raw = tiny(loss={"name": loss}, train={"iterations": 2, "eval_interval": 2, "log_interval": 1, "threads": 1,
+                                           "num_overlays": 1})
+    raw["data"]["supervision"] = "scribble"
+    spec = from_dict(raw)
+    result = train(spec, progress=False)
+    run = MlflowClient(spec.tracking.uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED" and "test/miou" in run.data.metrics
+    m = run.data.metrics
+    assert 0.0 < m["data/labelled_fraction/train"] < 0.2
+    assert m["data/labelled_fraction/val"] == m["data/labelled_fraction/test"] == 1.0

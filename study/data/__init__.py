@@ -32,14 +32,15 @@ from study.data.stats import class_pixel_counts, first_image_of_batches, fingerp
 from study.data.synthia import (SPLITS, SYNTHIA_CLASSES, SYNTHIA_MEAN_BGR, SYNTHIA_STD_BGR, VOID_MODES,
                                 SynthiaLabel, synthia_samples)
 from study.data.texdigits import TexDigitsParams, ensure_texdigits
+from study.data.entries import DATASETS, data_fingerprint, num_classes_of, resolve_data
 from study.data.transforms import IMAGENET_MEAN_RGB, IMAGENET_STD_RGB, SegTransform
 
-DATASETS = ("texdigits", "synthia", "cityscapes")
 CLASS_COUNT_MODES = ("train", "val_first_image")
 STUDY_COUNT_BATCH = 6  # batch size of the study's validation loader, used by "val_first_image"
 IGNORE_INDEX = 255
 
-__all__ = ["DATASETS", "CLASS_COUNT_MODES", "DataBundle", "build_datasets", "SegmentationDataset"]
+__all__ = ["DATASETS", "CLASS_COUNT_MODES", "DataBundle", "build_datasets", "data_fingerprint", "num_classes_of",
+           "resolve_data", "SegmentationDataset"]
 
 
 @dataclass
@@ -96,7 +97,7 @@ def _cache_dir(root: Path) -> Path:
 
 def build_datasets(data, seed: int) -> DataBundle:
     """Build train/val/test datasets, class names and class counts for ``data.name`` in DATASETS."""
-    name = _choice(getattr(data, "name", None), DATASETS, "name")
+    name = _choice(getattr(data, "name", None), tuple(DATASETS), "name")
     void = _choice(_opt(data, "void", "train"), VOID_MODES, "void")
     count_mode = _choice(_opt(data, "class_counts", "train"), CLASS_COUNT_MODES, "class_counts")
     root_opt = _opt(data, "root", "data/texdigits" if name == "texdigits" else None)
@@ -135,13 +136,21 @@ def build_datasets(data, seed: int) -> DataBundle:
     eval_tf = SegTransform(mean=mean, std=std, bgr=bgr, size=size, ignore_index=IGNORE_INDEX)
     train_tf = replace(eval_tf, train=True, scale=_pair(_opt(data, "scale", None), "scale", float),
                        crop=_pair(_opt(data, "crop", None), "crop", int), hflip=bool(_opt(data, "hflip", False)),
-                       color_jitter=float(_opt(data, "color_jitter", 0.0)))
+                       color_jitter=float(_opt(data, "color_jitter", 0.0)),
+                       scale_set=tuple(_opt(data, "scale_set", None) or ()) or None,
+                       crop_small=_opt(data, "crop_small", "pad"),
+                       augment_order=_opt(data, "augment_order", "scale_crop_flip_jitter"))
     C = len(class_names)
     sets = {s: SegmentationDataset(samples[s], decoder, train_tf if s == "train" else eval_tf, s, C)
             for s in SPLITS}
 
     cache = _cache_dir(root)
     counts = class_pixel_counts(sets["train"], C, cache_dir=cache)  # also validates all training labels
+    if _opt(data, "supervision", "full") == "scribble":  # counts stay those of the full labels
+        from study.data.scribbles import ScribbleDataset
+
+        sets["train"] = ScribbleDataset(sets["train"], data_fingerprint(data), int(_opt(data, "split_seed", 0) or 0),
+                                        cache_dir=cache)
     if count_mode == "val_first_image":
         val = sets["val"]
         counts = class_pixel_counts(val, C, first_image_of_batches(len(val), STUDY_COUNT_BATCH), cache_dir=cache)

@@ -6,7 +6,7 @@ deterministic resize (what the network is trained on), ignore pixels excluded. T
 the images chosen, the resize, the label decoder (void handling) and the class count, so editing or
 replacing a file invalidates it.
 
-The study's counting (released train.py, DESIGN.md section 1 item 6) iterates the *validation*
+The study's counting (the released train.py of Tian et al.) iterates the *validation*
 loader in order with batch size 6 and counts only ``labels[0]`` of each batch: images 0, 6, 12, ...
 of the validation split; :func:`first_image_of_batches` gives those indices.
 """

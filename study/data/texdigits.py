@@ -34,6 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -81,23 +82,32 @@ class TexDigitsParams:
     num_test: int = 32
     height: int = 128
     width: int = 256
-    profile: str = "synthia"
+    profile: Literal["synthia", "uniform"] = "synthia"
     seed: int = 0
+
+    @staticmethod
+    def check(settings: dict) -> None:
+        """Refuse what the generator cannot draw (SettingError naming the field)."""
+        from study.components import SettingError
+
+        for k in ("num_train", "num_val", "num_test"):
+            if settings[k] < 1:
+                raise SettingError(k, f"{settings[k]} is out of range", "an integer >= 1")
+        for k in ("height", "width"):
+            if not 32 <= settings[k] <= 8192:
+                raise SettingError(k, f"{settings[k]} is out of range", "an integer in [32, 8192]")
 
     @classmethod
     def from_spec(cls, obj) -> "TexDigitsParams":
-        """From any object (or dict) with these fields; missing ones take the defaults."""
-        get = obj.get if isinstance(obj, dict) else (lambda k, d: getattr(obj, k, d))
-        base = cls()
-        p = cls(**{k: type(v)(get(k, v)) for k, v in asdict(base).items()}) if obj is not None else base
-        if p.profile not in PROFILES:
-            raise ValueError(f"data.texdigits.profile {p.profile!r} is not one of {PROFILES}")
-        for k in ("num_train", "num_val", "num_test"):
-            if getattr(p, k) < 1:
-                raise ValueError(f"data.texdigits.{k} must be >= 1, got {getattr(p, k)}")
-        if p.height < 32 or p.width < 32:
-            raise ValueError(f"data.texdigits height/width must be >= 32, got {p.height}x{p.width}")
-        return p
+        """From a mapping of (some of) these fields, checked; missing ones take the defaults."""
+        from study.components import Component, SettingError
+
+        if obj is not None and not isinstance(obj, dict):  # a record read by attribute
+            obj = {k: getattr(obj, k) for k in cls.__dataclass_fields__ if hasattr(obj, k)}
+        try:
+            return cls(**Component("texdigits", cls, check=cls.check).resolve(obj or {}))
+        except SettingError as err:
+            raise ValueError(f"data.texdigits.{err}") from None
 
     def counts(self) -> dict[str, int]:
         return {"train": self.num_train, "val": self.num_val, "test": self.num_test}

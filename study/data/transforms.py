@@ -6,7 +6,13 @@ random choice draws from the ``torch.Generator`` passed in (``None`` = torch's g
 a DataLoader seeds per worker), so a pipeline is deterministic given its generator state.
 
 Order applied by :class:`SegTransform` for training: resize -> random scale -> random crop (padded
-with 0 / ignore) -> horizontal flip -> colour jitter -> normalise. Evaluation: resize -> normalise.
+with 0 / ignore) -> horizontal flip -> colour jitter -> normalise (``augment_order=
+"scale_crop_flip_jitter"``, the default), or, as the released Cityscapes pipeline, resize -> colour
+jitter -> flip -> random scale -> random crop -> normalise (``"jitter_flip_scale_crop"``).
+The scale factor is drawn from the range ``scale`` (uniform) or from the list ``scale_set`` (one
+entry, uniformly; the released Cityscapes set is 0.75, 1, 1.25, 1.5, 1.75, 2). A crop larger than
+the image pads it (``crop_small="pad"``) or, as released, first upscales it (``"upscale"``).
+Evaluation: resize -> normalise.
 Images are resized bilinearly, labels with nearest neighbour, so no new label values appear. Labels
 use ``INTER_NEAREST_EXACT`` (pixel-centre aligned, as PIL/scikit-image) rather than ``INTER_NEAREST``
 (the released code's), whose sampling grid is shifted by up to half a source pixel against the
@@ -15,7 +21,7 @@ bilinear image.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import cv2
 import numpy as np
@@ -53,9 +59,33 @@ def random_scale(image: np.ndarray, label: np.ndarray, scale: Sequence[float],
     return resize(image, label, (max(1, round(h * s)), max(1, round(w * s))))  # type: ignore[return-value]
 
 
+def random_scale_from_set(image: np.ndarray, label: np.ndarray, scales: Sequence[float],
+                          gen: torch.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+    """Rescale both by one factor s drawn uniformly from the list ``scales``; new size = round(s * H), round(s * W)."""
+    s = float(scales[_randint(gen, 0, len(scales) - 1)])
+    h, w = label.shape[:2]
+    return resize(image, label, (max(1, round(h * s)), max(1, round(w * s))))  # type: ignore[return-value]
+
+
+def upscale_to_crop(image: np.ndarray, label: np.ndarray, crop: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The released crop's enlargement of an image smaller than the crop [H, W] in either side: factor
+    f = W_crop / w if w < h else H_crop / h, new size int(f h + 1) x int(f w + 1) (image bilinear, label
+    nearest). An image that covers the crop is returned unchanged."""
+    ch, cw = int(crop[0]), int(crop[1])
+    h, w = label.shape[:2]
+    if h >= ch and w >= cw:
+        return image, label
+    f = cw / w if w < h else ch / h
+    return resize(image, label, (int(f * h + 1), int(f * w + 1)))  # type: ignore[return-value]
+
+
 def random_crop(image: np.ndarray, label: np.ndarray, crop: Sequence[int], gen: torch.Generator | None,
-                ignore_index: int = 255) -> tuple[np.ndarray, np.ndarray]:
-    """Crop [H, W] at a uniform random offset; first pad bottom/right (image 0, label ignore) if smaller."""
+                ignore_index: int = 255, upscale_small: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Crop [H, W] at a uniform random offset. An image smaller than the crop is first upscaled
+    (``upscale_small``, :func:`upscale_to_crop`); whatever is still smaller is padded bottom/right
+    (image 0, label ignore)."""
+    if upscale_small:
+        image, label = upscale_to_crop(image, label, crop)
     ch, cw = int(crop[0]), int(crop[1])
     h, w = label.shape[:2]
     ph, pw = max(0, ch - h), max(0, cw - w)
@@ -101,11 +131,17 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     return x.permute(2, 0, 1).contiguous()
 
 
+AUGMENT_ORDERS = ("scale_crop_flip_jitter", "jitter_flip_scale_crop")
+CROP_SMALL = ("pad", "upscale")
+
+
 @dataclass(frozen=True)
 class SegTransform:
     """One pipeline; ``train=False`` (or all augmentation options off) gives resize + normalise only.
 
     mean/std are in the channel order of the image fed in (BGR when ``bgr``), on 0..255 values.
+    ``scale`` (a range) and ``scale_set`` (a list of factors) are alternatives; ``augment_order`` and
+    ``crop_small`` as in the module docstring (defaults: this project's order and padding).
     """
 
     mean: tuple[float, float, float]
@@ -118,23 +154,62 @@ class SegTransform:
     color_jitter: float = 0.0
     train: bool = False
     ignore_index: int = 255
+    scale_set: tuple[float, ...] | None = None
+    crop_small: Literal["pad", "upscale"] = "pad"
+    augment_order: Literal["scale_crop_flip_jitter", "jitter_flip_scale_crop"] = "scale_crop_flip_jitter"
+
+    def __post_init__(self) -> None:
+        if self.scale is not None and self.scale_set is not None:
+            raise ValueError(f"scale_set: {self.scale_set!r} is not allowed together with scale {self.scale!r} "
+                             f"(allowed: one of the two)")
+        if self.scale_set is not None and (len(self.scale_set) == 0 or not all(
+                np.isfinite(v) and v > 0 for v in self.scale_set)):
+            raise ValueError(f"scale_set: {self.scale_set!r} is not allowed (allowed: a non-empty list of "
+                             f"finite numbers > 0)")
+        if self.crop_small not in CROP_SMALL:
+            raise ValueError(f"crop_small: {self.crop_small!r} is not allowed (allowed: {list(CROP_SMALL)})")
+        if self.augment_order not in AUGMENT_ORDERS:
+            raise ValueError(f"augment_order: {self.augment_order!r} is not allowed (allowed: {list(AUGMENT_ORDERS)})")
 
     def resize_label(self, label: np.ndarray) -> np.ndarray:
         """The deterministic part applied to a label (used for class counting)."""
         return label if self.size is None else resize(None, label, self.size)[1]  # type: ignore[return-value]
+
+    def _scale_and_crop(self, image: np.ndarray, label: np.ndarray, gen: torch.Generator | None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        if self.scale is not None:
+            image, label = random_scale(image, label, self.scale, gen)
+        elif self.scale_set is not None:
+            image, label = random_scale_from_set(image, label, self.scale_set, gen)
+        if self.crop is not None:
+            image, label = random_crop(image, label, self.crop, gen, self.ignore_index,
+                                       upscale_small=self.crop_small == "upscale")
+        return image, label
+
+    def _flip_and_jitter(self, image: np.ndarray, label: np.ndarray, gen: torch.Generator | None,
+                         jitter_first: bool) -> tuple[np.ndarray, np.ndarray]:
+        if jitter_first and self.color_jitter > 0:
+            image = color_jitter(image, self.color_jitter, gen, bgr=self.bgr)
+        if self.hflip:
+            image, label = random_hflip(image, label, gen)
+        if not jitter_first and self.color_jitter > 0:
+            image = color_jitter(image, self.color_jitter, gen, bgr=self.bgr)
+        return image, label
+
+    def augment(self, image: np.ndarray, label: np.ndarray, gen: torch.Generator | None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """The random part, in ``augment_order``."""
+        if self.augment_order == "jitter_flip_scale_crop":
+            image, label = self._flip_and_jitter(image, label, gen, jitter_first=True)
+            return self._scale_and_crop(image, label, gen)
+        image, label = self._scale_and_crop(image, label, gen)
+        return self._flip_and_jitter(image, label, gen, jitter_first=False)
 
     def __call__(self, image: np.ndarray, label: np.ndarray, gen: torch.Generator | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.size is not None:
             image, label = resize(image, label, self.size)  # type: ignore[assignment]
         if self.train:
-            if self.scale is not None:
-                image, label = random_scale(image, label, self.scale, gen)
-            if self.crop is not None:
-                image, label = random_crop(image, label, self.crop, gen, self.ignore_index)
-            if self.hflip:
-                image, label = random_hflip(image, label, gen)
-            if self.color_jitter > 0:
-                image = color_jitter(image, self.color_jitter, gen, bgr=self.bgr)
+            image, label = self.augment(image, label, gen)
         target = torch.from_numpy(np.ascontiguousarray(label)).to(torch.int64)
         return normalize(image, self.mean, self.std), target

@@ -31,15 +31,21 @@ def gt_boundary(target_ext: Tensor, num_classes: int) -> Tensor:
     return down | right | (t >= num_classes)
 
 
-def boundary_distance(boundary: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+def boundary_distance(boundary: Tensor, dtype: torch.dtype = torch.float32, integer: bool = False) -> Tensor:
     """d' = max(d - 1, 0) ``[N,H,W]`` (``dtype``) on the input's device, d = Euclidean distance to the nearest
-    boundary pixel of the same image (``scipy.ndimage.distance_transform_edt`` on the host), the released
-    code's distance map. An image without boundary pixels gets d' = 0 everywhere."""
+    boundary pixel of the same image (``scipy.ndimage.distance_transform_edt`` on the host). An image
+    without boundary pixels gets d' = 0 everywhere.
+
+    ``integer=True``: floor(d'), the released code's map (its one-hot mask is int32, so the signed
+    distance it writes into it is truncated towards zero: d' = -trunc(1 - d) = floor(d) - 1 off the
+    boundary, 0 on it)."""
     masks = boundary.detach().cpu().numpy()
     out = np.zeros(masks.shape, dtype=np.float64)
     for n, mask in enumerate(masks):
         if mask.any():
             out[n] = np.maximum(distance_transform_edt(~mask) - 1.0, 0.0)
+    if integer:
+        out = np.floor(out)
     return torch.from_numpy(out).to(device=boundary.device, dtype=dtype)
 
 
@@ -87,7 +93,9 @@ class ActiveBoundaryLoss(SegLoss):
     - predicted boundary: B_i = KL(p_i||p_down) + KL(p_i||p_right) on p = softmax(x), threshold adapted so at
       most ``max_boundary_fraction`` (1 %) of the batch's pixels exceed it, dilated 3x3 (no gradient);
     - ground truth: boundary pixels = label differs from the pixel below / to the right, plus ignored pixels;
-      d' = max(EDT - 1, 0), the distance map of the released code (scipy on the host);
+      d' = max(EDT - 1, 0), the Euclidean distance map of the paper (scipy on the host), or with
+      ``official_compat=True`` the released code's integer map floor(d') (its int32 one-hot truncates the
+      distances; this changes the direction target on many weighted pixels, where distances tie);
     - k*(i) = argmin over the 8 neighbours of d' (axis steps first on ties); w_i = min(d'_i, 20) / 20;
     - z_k(i) = KL(sg(p_{i+k}) || p_i), the neighbour detached, borders replicated;
     - LSCE = label-smoothed CE over the 8 directions, targets (1 - s) onehot + s/8, s = ``label_smoothing``.
@@ -96,13 +104,14 @@ class ActiveBoundaryLoss(SegLoss):
     geometric search, m is a fraction of all N H W pixels of the batch (the released code takes the fraction of
     one image's H W for the whole batch), ignored pixels are never centres (they still act as GT boundary),
     the released label smoothing puts 1 - s (not 1 - s + s/8) on the target, and a batch without predicted
-    boundary gives ABL = 0 instead of None. ``weight`` defaults to 1 (plain sum); the paper's combination
-    weight was not verified here.
+    boundary gives ABL = 0 instead of None. ``official_compat`` switches only the distance map; the
+    differences listed here stay. ``weight`` defaults to 1 (plain sum); the paper's combination weight was
+    not verified here.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, weight: float = 1.0,
                  max_boundary_fraction: float = 0.01, label_smoothing: float = 0.2,
-                 max_distance: float = 20.0) -> None:
+                 max_distance: float = 20.0, official_compat: bool = False) -> None:
         super().__init__(num_classes, ignore_index)
         if not weight >= 0:
             raise ValueError(f"weight must be >= 0, got {weight!r}")
@@ -116,13 +125,14 @@ class ActiveBoundaryLoss(SegLoss):
         self.max_boundary_fraction = float(max_boundary_fraction)
         self.label_smoothing = float(label_smoothing)
         self.max_distance = float(max_distance)
+        self.official_compat = bool(official_compat)
 
     def boundary_term(self, x: Tensor, target_ext: Tensor, valid: Tensor) -> Tensor:
         """The ABL term (without ``weight``)."""
         logp = x.log_softmax(1)
         fvalid = valid.to(x.dtype)
         pred = predicted_boundary(logp.detach(), fvalid, self.max_boundary_fraction) & valid
-        dist = boundary_distance(gt_boundary(target_ext, self.num_classes), x.dtype)
+        dist = boundary_distance(gt_boundary(target_ext, self.num_classes), x.dtype, integer=self.official_compat)
         k_star = direction_targets(dist)
         w = dist.clamp(max=self.max_distance) / self.max_distance * pred.to(x.dtype)
         logz = direction_logits(logp).log_softmax(1)
@@ -140,4 +150,5 @@ class ActiveBoundaryLoss(SegLoss):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, weight={self.weight}, max_boundary_fraction={self.max_boundary_fraction}, "
-                f"label_smoothing={self.label_smoothing}, max_distance={self.max_distance}")
+                f"label_smoothing={self.label_smoothing}, max_distance={self.max_distance}, "
+                f"official_compat={self.official_compat}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -19,6 +20,7 @@ PRESETS: dict[str, dict[str, tuple[float, ...]]] = {
                  "and": (0.25, 0.25, 0.5, 0.5, 0.75, 0.75), "or": (0.25, 0.25, 0.5, 0.5, 0.75, 0.75)},
 }
 METRICS: dict[str, tuple[str, ...]] = {"miou": ("and", "or"), "macc": ("h",)}
+REDUCTIONS = ("all_classes", "present_classes")
 
 
 def check_curve(params: Sequence[float], what: str = "params") -> tuple[float, ...]:
@@ -112,21 +114,31 @@ def resolve_curves(metric: str, params: str | Sequence[float] | Mapping[str, Seq
 
 
 class AutoSegLoss(SegLoss):
-    """Auto Seg-Loss surrogate of mIoU or mAcc, over the valid pixels of the batch, p = softmax(x), y = one-hot:
+    """Auto Seg-Loss surrogate of mIoU or mAcc (Li et al., "Auto Seg-Loss: Searching Metric Surrogates for
+    Semantic Segmentation", ICLR 2021), over the valid pixels of the batch, p = softmax(x), y = one-hot:
 
-        miou: L = 1 - mean_{c in P} I_c / U_c,  I_c = sum h_and(p_c) y_c,  U_c = sum (h_or(p_c) + y_c - h_or(p_c) y_c)
-        macc: L = 1 - mean_{c in P} sum h(p_c) y_c / sum y_c
+        miou: s_c = I_c / U_c,  I_c = sum h_and(p_c) y_c,  U_c = sum (h_or(p_c) + y_c - h_or(p_c) y_c)
+        macc: s_c = sum h(p_c) y_c / sum y_c
+        L = 1 - (1/C) sum_{c=1..C} s_c                      (reduction="all_classes", the default)
+        L = 1 - (1/|P|) sum_{c in P} s_c                    (reduction="present_classes")
 
-    P = classes with GT pixels in the batch (an absent class's term is constant 0 with zero gradient).
+    "all_classes" is the official implementation's reduction (its ``forward_mIoU`` / ``forward_mAcc``
+    take the mean of the per-class scores over all C classes): a class without GT pixels in the batch
+    has I_c = 0, so s_c = 0 with zero gradient and it adds the constant 1/C to L. "present_classes"
+    averages over P = classes with GT pixels in the batch, which scales every gradient by C/|P|.
+    The official code adds 1e-8 to the denominators; here they are clamped (U_c >= 1e-12,
+    sum y_c >= 1), identical whenever a class is present. A batch without valid pixels gives 0.
+
     h: [0,1] -> [0,1] is a 2-piece quadratic Bezier curve from (0,0) to (1,1) (``bezier_h``).
     ``params``: ``"miou_searched"`` / ``"macc_searched"`` (the published search results; default: the one of
     ``metric``), ``"identity"`` (h(x) = x), or explicit numbers (a mapping ``{and: [6], or: [6]}`` / ``{h: [6]}``
     or a flat list of 12 / 6). ``ce_weight`` adds ce_weight * CE (default 0: the surrogate alone, as searched).
     """
 
-    def __init__(self, num_classes: int, ignore_index: int = 255, metric: str = "miou",
+    def __init__(self, num_classes: int, ignore_index: int = 255, metric: Literal["miou", "macc"] = "miou",
                  params: str | Sequence[float] | Mapping[str, Sequence[float]] | None = None,
-                 ce_weight: float = 0.0) -> None:
+                 ce_weight: float = 0.0,
+                 reduction: Literal["all_classes", "present_classes"] = "all_classes") -> None:
         super().__init__(num_classes, ignore_index)
         self.metric = metric
         self.curves = resolve_curves(metric, params)
@@ -134,6 +146,9 @@ class AutoSegLoss(SegLoss):
         if not ce_weight >= 0:
             raise ValueError(f"ce_weight must be >= 0, got {ce_weight!r}")
         self.ce_weight = float(ce_weight)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: {reduction!r} is not allowed (allowed: {list(REDUCTIONS)})")
+        self.reduction = reduction
 
     def compute(self, x: Tensor, target: Tensor) -> Tensor:
         c = self.num_classes
@@ -153,11 +168,15 @@ class AutoSegLoss(SegLoss):
         else:
             score = (bezier_h(p, self.curves["h"]) * y).sum(dims) / gt.clamp_min(1.0)
         present = (gt > 0).to(x.dtype)
-        loss = ((1.0 - score) * present).sum() / present.sum().clamp_min(1.0)
+        if self.reduction == "all_classes":
+            loss = 1.0 - (score * present).sum() / c
+        else:
+            loss = ((1.0 - score) * present).sum() / present.sum().clamp_min(1.0)
         if self.ce_weight > 0:
             nll = -(logp * y).sum(1)
             loss = loss + self.ce_weight * nll.sum() / valid.sum().clamp_min(1.0)
         return torch.where(present.sum() > 0, loss, zero_loss(x))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, metric={self.metric!r}, params={self.params!r}, ce_weight={self.ce_weight}"
+        return (f"{super().extra_repr()}, metric={self.metric!r}, params={self.params!r}, ce_weight={self.ce_weight}, "
+                f"reduction={self.reduction!r}")

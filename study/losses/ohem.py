@@ -19,7 +19,9 @@ class OhemCrossEntropy(SegLoss):
 
     official_compat=True reproduces the released code instead: CE with ignored pixels at 0,
     top-k along the image width with k = int(thresh * N) (N = batch size; clamped to [1, W] so it
-    never returns NaN), mean of the kept values.
+    never returns NaN), mean of the kept values; with thresh = 1 the released code skips the top-k
+    and returns the plain mean of that CE map over all N*H*W pixels (ignored pixels add 0):
+    L = (1/(N H W)) sum_{n in V} CE_n.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, thresh: float = 0.7,
@@ -35,6 +37,8 @@ class OhemCrossEntropy(SegLoss):
 
     def compute(self, x: Tensor, target: Tensor) -> Tensor:
         nll = pixel_cross_entropy(x, target, self.ignore_index)
+        if self.official_compat and self.thresh == 1.0:
+            return nll.mean()
         if self.official_compat:
             n, w = x.shape[0], x.shape[-1]
             k = min(max(int(self.thresh * n), 1), w)

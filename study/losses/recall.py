@@ -18,10 +18,13 @@ class RecallLoss(SegLoss):
     A pixel counts as a false negative when max_c x_nc > x_{n,y_n}; this equals argmax != y except
     for exact ties with the target logit (counted as correct).
 
-    ema=alpha: w_c <- alpha * FN_c/GT_c + (1 - alpha) * w_c for classes present in the batch only,
-    starting from 1 (plain CE); the weights live in the buffer ``ema_weights`` (saved in
-    ``state_dict``) and the updated weights are the ones applied. The buffer is updated only in
-    training mode; in eval mode the would-be update is used but not stored.
+    ema=alpha: w_c <- alpha * FN_c/GT_c + (1 - alpha) * w_c for classes present in the batch only
+    (the authors' development code's update), starting from w = 1 (plain CE). The development code
+    instead started from the first batch's raw ratio (its counter arithmetic, as under
+    ``official_compat``) and applied the update from the second batch on; here the first batch
+    already mixes its ratio with the initial ones. The weights live in the buffer ``ema_weights``
+    (saved in ``state_dict``) and the updated weights are the ones applied. The buffer is updated
+    only in training mode; in eval mode the would-be update is used but not stored.
 
     official_compat=True: the released arithmetic: per-class counters start at 1 and are overwritten
     by the counts of classes that occur, so w_c = FN_c/GT_c when FN_c > 0, 1/GT_c when FN_c = 0 < GT_c,
@@ -82,9 +85,19 @@ class RecallLoss(SegLoss):
 
 
 class RecallFocalLoss(RecallLoss):
-    """Focal-modulated recall loss: per pixel (1 - exp(-CE_n))^gamma * w_{y_n} * CE_n, gamma = 1 by default,
-    with the recall weights w and the reduction of :class:`RecallLoss` (same ``ema`` and
-    ``official_compat`` options); the modulation is per pixel and carries gradient.
+    """Focal-modulated recall loss (the authors' development code), gamma = 1 by default:
+
+        per pixel  l_n = (1 - p_n)^gamma * w_{y_n} * CE_n,   p_n = exp(-CE_n),
+
+    with the recall weights w, the ``ema`` option and the reductions of :class:`RecallLoss`.
+
+    Default: the focal factor carries gradient (Lin et al.'s focal loss times the recall weight),
+    L = (1/|V|) sum_{n in V} l_n.
+
+    ``official_compat=True``: the development code's arithmetic: p_n is detached (the factor
+    (1 - p_n)^gamma is a constant weight, as w), the weights are the released counter arithmetic of
+    :class:`RecallLoss` and the reduction is its plain mean over all N*H*W pixels (ignored pixels
+    add 0): L = (1/(N H W)) sum_{n in V} (1 - p_n)^gamma w_{y_n} CE_n.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, gamma: float = 1.0,
@@ -95,7 +108,8 @@ class RecallFocalLoss(RecallLoss):
         self.gamma = float(gamma)
 
     def pixel_loss(self, nll: Tensor, w_pix: Tensor) -> Tensor:
-        modulating = (-torch.expm1(-nll)).clamp_min(0).pow(self.gamma)
+        ce_for_factor = nll.detach() if self.official_compat else nll
+        modulating = (-torch.expm1(-ce_for_factor)).clamp_min(0).pow(self.gamma)
         return modulating * w_pix * nll
 
     def extra_repr(self) -> str:

@@ -1,4 +1,5 @@
-"""Structural similarity loss (Zhao et al., 2019): CE re-weighted by a local structure error."""
+"""Structural similarity loss (Zhao et al. 2019, "Correlation Maximized Structural Similarity Loss for
+Semantic Segmentation", arXiv:1910.08711): CE re-weighted by a local structure error."""
 
 from __future__ import annotations
 
@@ -34,29 +35,36 @@ def masked_local_mean(v: Tensor, mask: Tensor, kernel: Tensor) -> Tensor:
 
 
 def structure_error(y: Tensor, p: Tensor, mask: Tensor, sigma: float, eps: float) -> Tensor:
-    """e = |(y - mu_y)/(sigma_y + eps) - (p - mu_p)/(sigma_p + eps)| ``[N,C,H,W]``, with mu, sigma the local
-    Gaussian-window mean and standard deviation (over valid pixels) of each class channel."""
+    """e = |(y - mu_y + C4)/(sigma_y + C4) - (p - mu_p + C4)/(sigma_p + C4)| ``[N,C,H,W]`` with C4 = ``eps``,
+    mu and sigma the local Gaussian-window mean and standard deviation (over valid pixels) of each class
+    channel."""
     kernel = gaussian_kernel(sigma, WINDOW_RADIUS, p.dtype, p.device)
 
     def normalised(v: Tensor) -> Tensor:
         mu = masked_local_mean(v, mask, kernel)
         var = masked_local_mean(v * v, mask, kernel) - mu * mu
-        return (v - mu) / (var.clamp_min(0).sqrt() + eps)
+        return (v - mu + eps) / (var.clamp_min(0).sqrt() + eps)
 
     return (normalised(y) - normalised(p)).abs()
 
 
 class StructuralSimilarityLoss(SegLoss):
-    """L = gamma * CE + (1 - gamma) * L_ssl, CE the mean over valid pixels, p = softmax(x), y = one-hot, and
+    """L = gamma * CE + (1 - gamma) * L_ssl, CE the mean over valid pixels, p = softmax(x), y = one-hot, and,
+    over the valid positions n and ALL classes c:
 
-        e_nc = |(y_nc - mu_y)/(sigma_y + eps) - (p_nc - mu_p)/(sigma_p + eps)|
-        L_ssl = sum_n f_n e_n CE_n / sum_n f_n,   e_n = e_{n, y_n},  f_n = [e_n > beta * max_m e_m]
+        e_nc  = |(y_nc - mu_y + C4)/(sigma_y + C4) - (p_nc - mu_p + C4)/(sigma_p + C4)|
+        f_nc  = [e_nc > beta * e_max],   e_max = max_{n,c} e_nc
+        L_ssl = (1/M) sum_n sum_c f_nc e_nc (-y_nc log p_nc),   M = sum_n sum_c f_nc
+
+    The equations of Zhao et al. 2019 (structure comparison, hard-position coefficient and mini-batch loss),
+    as transcribed in Jadon's 2020 survey of segmentation losses (arXiv:2006.14822, Sec. II-N); the paper's
+    own text was not available to re-check here. Since -y_nc log p_nc is CE_n at the target class and 0
+    elsewhere, the numerator is sum_n f_{n,y_n} e_{n,y_n} CE_n, while M counts the hard (n, c) pairs of
+    every class channel and e_max runs over every channel.
 
     mu, sigma: mean and standard deviation in an 11x11 Gaussian window (``sigma_window`` 1.5) of each class
     channel, over the valid pixels of the window (normalised convolution; outside the image = invalid).
-    The paper's per-class sum sum_c f_nc e_nc (-y_nc log p_nc) keeps only the target class, hence e and f are
-    taken at the target class; the max runs over the valid pixels of the batch. e and f are weights: no
-    gradient flows through them. Defaults gamma = 0.5, beta = 0.1, eps = 0.01 (the paper's C4).
+    e and f are weights: no gradient flows through them. Defaults gamma = 0.5, beta = 0.1, eps = C4 = 0.01.
     A batch without hard position has L_ssl = 0.
     """
 
@@ -77,17 +85,16 @@ class StructuralSimilarityLoss(SegLoss):
         self.eps = float(eps)
 
     def hard_weights(self, x: Tensor, target_ext: Tensor) -> tuple[Tensor, Tensor]:
-        """(f_n e_n, f_n) ``[N,H,W]`` each (no gradient; 0 at ignored pixels)."""
+        """(f_{n,y_n} e_{n,y_n} ``[N,H,W]`` (0 at ignored pixels), M = sum_{n,c} f_nc) without gradient."""
         c = self.num_classes
         with torch.no_grad():
             valid = (target_ext < c).unsqueeze(1).to(x.dtype)
             p = x.softmax(1) * valid
             y = one_hot(target_ext, c, x.dtype)
-            e = structure_error(y, p, valid, self.sigma_window, self.eps)
-            safe = torch.where(target_ext < c, target_ext, torch.zeros_like(target_ext))
-            e_t = e.gather(1, safe.unsqueeze(1)).squeeze(1) * valid.squeeze(1)
-            hard = e_t > self.beta * e_t.amax()
-            return e_t * hard.to(x.dtype), hard.to(x.dtype)
+            e = structure_error(y, p, valid, self.sigma_window, self.eps) * valid
+            hard = (e > self.beta * e.amax()).to(x.dtype)
+            fe_target = (hard * e * y).sum(1)
+            return fe_target, hard.sum()
 
     def compute(self, x: Tensor, target: Tensor) -> Tensor:
         t_ext = extended_target(target, self.num_classes, self.ignore_index)
@@ -96,8 +103,8 @@ class StructuralSimilarityLoss(SegLoss):
         ce = masked_mean(nll, valid)
         if self.gamma == 1.0:
             return ce
-        fe, f = self.hard_weights(x, t_ext)
-        return self.gamma * ce + (1.0 - self.gamma) * masked_mean(fe * nll, f)
+        fe, m = self.hard_weights(x, t_ext)
+        return self.gamma * ce + (1.0 - self.gamma) * masked_mean(fe * nll, m)
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, gamma={self.gamma}, beta={self.beta}, "

@@ -1,11 +1,14 @@
-"""``build_model(arch, backbone, num_classes, output_stride, pretrained)``: every network of the study.
+"""``build_model(arch, backbone, num_classes, output_stride, pretrained, decoder)``: every network of the study.
 
-- ``deeplabv3plus``: segmentation_models_pytorch's DeepLabV3+ (ASPP without separable convs, rates
-  [1, 6, 12, 18] at output stride 16 and [1, 12, 24, 36] at 8 as in DESIGN.md §1 item 8, 48-channel
-  low-level projection), plus ``paper_resnet18``, the released code's Bottleneck "resnet18".
+- ``deeplabv3plus``: DeepLabV3+ (Chen et al. 2018; ASPP without separable convs, rates
+  [1, 6, 12, 18] at output stride 16 and [1, 12, 24, 36] at 8, 48-channel low-level projection) on
+  smp's encoders, plus ``paper_resnet18``, the released code's Bottleneck "resnet18". Its head is
+  ``decoder="smp"`` (segmentation_models_pytorch's, the default) or ``decoder="official"`` (the
+  released code's, :mod:`study.models.official_head`).
 - ``deeplabv3``: torchvision DeepLabV3 (ResNets assembled from torchvision's parts so that the
   output stride is selectable; output stride 8 reproduces ``deeplabv3_resnet50/101`` exactly).
 - ``lraspp``: torchvision LR-ASPP on MobileNetV3 large / small (output stride 16).
+- ``vit``: a small timm ViT (``study.models.vit``), patch size = output stride (8 or 16).
 
 ``pretrained``: ``None``; ``"imagenet"`` (torchvision's file in ``$TORCH_HOME/hub/checkpoints``);
 or a path to a backbone state dict in torchvision's naming. Nothing downloads.
@@ -14,7 +17,7 @@ or a path to a backbone state dict in torchvision's naming. Nothing downloads.
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Literal
 
 import segmentation_models_pytorch as smp
 import torchvision
@@ -23,17 +26,22 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.segmentation import LRASPP, DeepLabV3
 from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
-from .paper_resnet import build_paper_deeplabv3plus, load_paper_backbone_imagenet, set_stage_dilation
+from .official_head import OfficialDeepLabV3Plus
+from .paper_resnet import build_paper_deeplabv3plus, build_paper_official, load_paper_backbone_imagenet, set_stage_dilation
 from .pretrained import copy_matching, resolve_pretrained
+from .vit import VIT_CONFIGS, build_vit
 from .wrapper import SegmentationNet
 
-__all__ = ["MODEL_CHOICES", "build_model", "output_strides"]
+__all__ = ["DECODER_CHOICES", "MODEL_CHOICES", "build_model", "output_strides"]
 
 MODEL_CHOICES: dict[str, tuple[str, ...]] = {
     "deeplabv3plus": ("resnet18", "resnet34", "resnet50", "resnet101", "mobilenet_v2", "paper_resnet18"),
     "deeplabv3": ("resnet18", "resnet50", "resnet101", "mobilenet_v3_large"),
     "lraspp": ("mobilenet_v3_large", "mobilenet_v3_small"),
+    "vit": tuple(VIT_CONFIGS),
 }
+
+DECODER_CHOICES = ("smp", "official")
 
 _FIXED_OS16 = {("deeplabv3", "mobilenet_v3_large"), ("lraspp", "mobilenet_v3_large"), ("lraspp", "mobilenet_v3_small")}
 
@@ -52,6 +60,14 @@ def _check_combo(arch: str, backbone: str) -> None:
         raise ValueError(f"backbone {backbone!r} is not available for arch {arch!r}; valid combinations: {valid}")
 
 
+def _check_decoder(arch: str, decoder: str) -> None:
+    if decoder not in DECODER_CHOICES:
+        raise ValueError(f"decoder: {decoder!r} is not allowed (allowed: {list(DECODER_CHOICES)})")
+    if decoder == "official" and arch != "deeplabv3plus":
+        raise ValueError(f"decoder: 'official' is not allowed for arch {arch!r} "
+                         f"(allowed: 'smp', the library head; 'official' only with arch 'deeplabv3plus')")
+
+
 def _aspp_rates(output_stride: int) -> tuple[int, int, int]:
     return (6, 12, 18) if output_stride == 16 else (12, 24, 36)
 
@@ -66,7 +82,8 @@ def _smp_deeplabv3plus(backbone: str, num_classes: int, output_stride: int) -> S
         decoder_aspp_separable=False,
         classes=num_classes,
     )
-    return SegmentationNet(net, "encoder", "deeplabv3plus", backbone, pad_to=output_stride)
+    return SegmentationNet(net, "encoder", "deeplabv3plus", backbone, pad_to=output_stride,
+                           features_path="decoder", feature_channels=256)  # smp's decoder_channels default
 
 
 def _tv_deeplabv3_resnet(backbone: str, num_classes: int, output_stride: int) -> SegmentationNet:
@@ -106,13 +123,28 @@ def _tv_lraspp(backbone: str, num_classes: int, output_stride: int) -> Segmentat
     return SegmentationNet(net, "backbone", "lraspp", backbone)
 
 
+def _official_deeplabv3plus(backbone: str, num_classes: int, output_stride: int) -> SegmentationNet:
+    """An smp encoder under the released DeepLabV3+ head (no input padding: outputs are resized)."""
+    encoder = smp.encoders.get_encoder(backbone, weights=None, output_stride=output_stride)
+    net = OfficialDeepLabV3Plus(encoder, num_classes, _aspp_rates(output_stride))
+    return SegmentationNet(net, "encoder", "deeplabv3plus", backbone)
+
+
 def _paper(backbone: str, num_classes: int, output_stride: int) -> SegmentationNet:
     return build_paper_deeplabv3plus(num_classes, output_stride, _aspp_rates(output_stride))
 
 
-def _builder(arch: str, backbone: str) -> Callable[[str, int, int], SegmentationNet]:
+def _paper_official(backbone: str, num_classes: int, output_stride: int) -> SegmentationNet:
+    return build_paper_official(num_classes, output_stride, _aspp_rates(output_stride))
+
+
+def _builder(arch: str, backbone: str, decoder: str = "smp") -> Callable[[str, int, int], SegmentationNet]:
+    if arch == "deeplabv3plus" and decoder == "official":
+        return _paper_official if backbone == "paper_resnet18" else _official_deeplabv3plus
     if arch == "deeplabv3plus":
         return _paper if backbone == "paper_resnet18" else _smp_deeplabv3plus
+    if arch == "vit":
+        return build_vit
     if arch == "deeplabv3":
         return _tv_deeplabv3_mobilenet if backbone.startswith("mobilenet") else _tv_deeplabv3_resnet
     return _tv_lraspp
@@ -129,8 +161,14 @@ def build_model(
     num_classes: int,
     output_stride: int = 16,
     pretrained: str | os.PathLike | None = None,
+    decoder: Literal["smp", "official"] = "smp",
 ) -> SegmentationNet:
     """Build ``arch`` on ``backbone``; ``forward(x[N,3,H,W]) -> logits[N,num_classes,H,W]``.
+
+    ``decoder`` (arch ``deeplabv3plus`` only): ``"smp"``, segmentation_models_pytorch's DeepLabV3+
+    head (and the library head of the other archs); ``"official"``, the released code's head
+    (ASPP + Dropout(0.5); two 3x3 convs with Dropout(0.5) / Dropout(0.1); see
+    :mod:`study.models.official_head`). ``paper_resnet18`` with ``"official"`` is the released network.
 
     ``pretrained`` fills the backbone from a torchvision-named state dict: ``"imagenet"`` (local
     torchvision cache, ``FileNotFoundError`` naming the expected path if absent) or a file path.
@@ -138,13 +176,14 @@ def build_model(
     torchvision ResNet-18 whose names and shapes match (``model.pretrained_fraction`` says how many).
     """
     _check_combo(arch, backbone)
+    _check_decoder(arch, decoder)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     allowed = output_strides(arch, backbone)
     if output_stride not in allowed:
         raise ValueError(f"output_stride {output_stride!r} is not supported by {arch}/{backbone}; allowed: {list(allowed)}")
 
-    model = _builder(arch, backbone)(backbone, num_classes, output_stride)
+    model = _builder(arch, backbone, decoder)(backbone, num_classes, output_stride)
     if pretrained is not None:
         state = resolve_pretrained(pretrained, backbone)
         if backbone == "paper_resnet18":

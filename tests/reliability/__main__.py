@@ -1,6 +1,7 @@
 """`python -m tests.reliability [--report] [--fast] [pytest args]`: run the reliability suite with pytest.
 
-Runs tests/reliability plus the Slurm timeout/requeue case of tests/test_launch.py; ``--report`` prints a
+Runs tests/reliability, tests/test_launch_claims.py (claims, status, cancel, signals) plus the Slurm
+preemption/requeue case of tests/test_launch.py; ``--report`` prints a
 table of every case tried and its outcome afterwards; ``--fast`` leaves out the cases marked slow.
 """
 
@@ -16,7 +17,8 @@ import pytest
 from tests.reliability.report import Report
 
 REPO = Path(__file__).resolve().parents[2]
-SELECTION = ["tests/reliability", "tests/test_launch.py::test_slurm_timeout_requeues_and_continues_same_run"]
+SELECTION = ["tests/reliability", "tests/test_launch_claims.py",
+             "tests/test_launch.py::test_slurm_preemption_requeues_and_continues_same_run"]
 
 
 def main(argv: list[str]) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 AREAS = {"test_faults": "fault", "test_tracking_server": "fault", "test_launch": "fault (Slurm)",
-         "test_load": "load", "test_bad_input": "bad input", "test_safety": "safety"}
+         "test_load": "load", "test_launch_claims": "operate", "test_bad_input": "bad input", "test_safety": "safety"}
 
 
 class Report:

@@ -41,6 +41,8 @@ class Store:
         raw = copy.deepcopy(self.base)
         for key, value in sections.items():
             raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
+        if raw["data"].get("name") != "texdigits":  # the generator's settings belong to texdigits only
+            raw["data"].pop("texdigits", None)
         return raw
 
     def data_variant(self, seed: int) -> dict:
@@ -66,7 +68,7 @@ def refused_before_submission(store: Store, tmp_path: Path, grid: Path, key: str
         launch(grid, executor="debug", folder_root=tmp_path / "submitit", log=quiet)
     message = str(err.value)
     assert "\n" not in message, message
-    assert str(grid) in message and f"'{key}'" in message, message
+    assert str(grid) in message and f"{key}:" in message, message
     for fragment in fragments:
         assert fragment in message, message
     assert file_digest(store.db) == before, "the store was written to"
@@ -84,10 +86,10 @@ def _cli_cases(root: Path, store: Store) -> dict[str, tuple[Path, str, str]]:
     p.write_text("name: bad\nbase:\n  train: {iterations: 2\naxes: {seed: [1]}\n")
     cases["malformed YAML"] = (p, "malformed YAML", "line")
     p = write_grid(root / "unknown_key.yaml", store.spec(train={"iteratons": 5}), {"seed": [1]})
-    cases["unknown key"] = (p, "'train.iteratons'", "allowed:")
-    p = write_grid(root / "missing_root.yaml", store.spec(data={"name": "synthia", "root": str(root / "nowhere")}),
-                   {"seed": [1]})
-    cases["missing data root"] = (p, "'data.root'", "does not exist")
+    cases["unknown key"] = (p, "train.iteratons: unknown key", "allowed:")
+    synthia = {**copy.deepcopy(store.base), "data": {"name": "synthia", "root": str(root / "nowhere")}}
+    p = write_grid(root / "missing_root.yaml", synthia, {"seed": [1]})
+    cases["missing data root"] = (p, "data.root:", "does not exist")
     p = write_grid(root / "zero_runs.yaml", store.base, {"seed": [1, 2]}, exclude=[{"seed": [1, 2]}])
     cases["grid with zero runs after excludes"] = (p, "zero runs", "exclude")
     return cases
@@ -131,7 +133,7 @@ def test_cli_launch_refuses_bad_grid(cli_results, case):
 def test_wrong_type(store, tmp_path):
     """wrong type (train.iterations: "ten") is refused before submission, naming file and key"""
     grid = write_grid(tmp_path / "g.yaml", store.spec(train={"iterations": "ten"}), {"seed": [1]})
-    refused_before_submission(store, tmp_path, grid, "train.iterations", "expected an integer")
+    refused_before_submission(store, tmp_path, grid, "train.iterations", "is not an integer")
 
 
 def test_unknown_loss(store, tmp_path):
@@ -164,7 +166,7 @@ def test_bad_resources(store, tmp_path):
     raw = yaml.safe_load(grid.read_text())
     raw["resources"]["cpus"] = "two"
     grid.write_text(yaml.safe_dump(raw))
-    refused_before_submission(store, tmp_path, grid, "resources.cpus", "expected an integer")
+    refused_before_submission(store, tmp_path, grid, "resources.cpus", "is not an integer")
 
 
 def test_missing_pretrained_weights(store, tmp_path):
@@ -180,9 +182,9 @@ def test_empty_split(store, tmp_path):
     manifest = json.loads((seq / "splits.json").read_text())
     manifest["val"] = []
     (seq / "splits.json").write_text(json.dumps(manifest))
-    grid = write_grid(tmp_path / "g.yaml", store.spec(data={"name": "synthia", "root": str(seq),
-                                                            "split_mode": "manifest"}), {"seed": [1]})
-    refused_before_submission(store, tmp_path, grid, "data.split_mode", "'val'", "empty")
+    raw = {**copy.deepcopy(store.base), "data": {"name": "synthia", "root": str(seq), "split_mode": "manifest"}}
+    grid = write_grid(tmp_path / "g.yaml", raw, {"seed": [1]})
+    refused_before_submission(store, tmp_path, grid, "data.root", "'val'", "empty")
 
 
 @pytest.mark.parametrize("axis", [{"seed": [1, 2, 1]}, {"train.log_interval": [1, 2]}],
@@ -229,14 +231,14 @@ def test_label_ids_outside_class_range(store, tmp_path):
 
 
 def test_labels_exceed_model_classes(store, tmp_path):
-    """class count mismatch: a training label with id 16 for a 16-output model fails before the first step"""
+    """class count mismatch: a training label with id 16 for a 16-output model is refused before submission
+    (the launcher's one pass over the training labels), naming the grid, data.root and the label file"""
     samples = store.data_variant(seed=23)
     label = samples["train"][-1][1]
     _set_label(label, 16)
     grid = write_grid(tmp_path / "g.yaml", store.spec(data={"texdigits": {**store.base["data"]["texdigits"],
                                                                           "seed": 23}}), {"seed": [1]})
-    reason = failed_at_run_time(store, tmp_path, grid)
-    assert reason.startswith("ValueError:") and label in reason and "[16]" in reason and "outside 0..15" in reason
+    refused_before_submission(store, tmp_path, grid, "data.root", label, "[16]", "outside 0..15")
 
 
 def test_unreadable_image_file(store, tmp_path):
@@ -248,3 +250,86 @@ def test_unreadable_image_file(store, tmp_path):
                                                                           "seed": 24}}), {"seed": [1]})
     reason = failed_at_run_time(store, tmp_path, grid)
     assert "cannot read image file" in reason and image in reason
+
+
+# ----------------------------------------------------------------------------- other commands through the CLI
+
+
+def _command_cases(root: Path, store: Store) -> dict[str, tuple[list[str], list[str]]]:
+    """name -> (study arguments, fragments the one error line must hold); all must exit 2."""
+    spec = root / "spec.yaml"
+    spec.write_text(yaml.safe_dump(store.base))
+    a_file = root / "a_file"
+    a_file.write_text("not a folder")
+    data_file = write_grid(root / "data_file.yaml", store.spec(data={"root": str(a_file)}), {"seed": [1]})
+    ckpt = write_grid(root / "ckpt.yaml", store.spec(tracking={"checkpoint_root": str(a_file / "ckpt")}),
+                      {"seed": [1]})
+    ckpt_spec = root / "ckpt_spec.yaml"
+    ckpt_spec.write_text(yaml.safe_dump(store.spec(tracking={"checkpoint_root": str(a_file / "ckpt")})))
+    fresh = write_grid(root / "fresh.yaml", store.spec(seed=77), {"seed": [77, 78]}, name="fresh")
+    return {
+        "texdigits data.root is a file": (["launch", str(data_file), "--executor", "debug"],
+                                          [str(data_file), "data.root:", "is a file"]),
+        "unwritable checkpoint_root (launch)": (["launch", str(ckpt), "--executor", "debug"],
+                                                [str(ckpt), "tracking.checkpoint_root:", "not writable"]),
+        "unwritable checkpoint_root (run)": (["run", str(ckpt_spec)],
+                                             [str(ckpt_spec), "tracking.checkpoint_root:", "not writable"]),
+        "report --out on a file": (["report", str(fresh), "--out", str(a_file)], ["--out", "is a file"]),
+        "report before any run": (["report", str(fresh)], [str(fresh), "no finished run", "study launch"]),
+        "--set without =": (["run", str(spec), "--set", "train.iterations"], ["--set", "KEY.PATH=VALUE"]),
+        "--set with a bad YAML value": (["run", str(spec), "--set", "train.iterations=["], ["--set", "YAML value"]),
+        "--set with a wrong type": (["run", str(spec), "--set", "train.iterations=ten"],
+                                    ["--set train.iterations=ten", "train.iterations:", "integer"]),
+        "--set on an empty key path": (["run", str(spec), "--set", "train..iterations=3"], ["--set", "dotted key"]),
+        "cancel --only matching no run": (["cancel", str(fresh), "--only", "seed=5"], ["--only seed=5", "seed"]),
+        "ui on a store that does not exist": (["ui", "--store", f"sqlite:///{root}/none.db"],
+                                              ["--store", "does not exist"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def command_results(store, tmp_path_factory):
+    """Each command case as a real `python -m study ...`, run side by side."""
+    root = tmp_path_factory.mktemp("commands")
+    cases = _command_cases(root, store)
+    procs = {name: subprocess.Popen([sys.executable, "-m", "study", *argv], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, cwd=root, env=python_env())
+             for name, (argv, _) in cases.items()}
+    return {name: (cases[name][1], p.wait(300), *p.communicate()) for name, p in procs.items()}, root
+
+
+COMMAND_CASES = ["texdigits data.root is a file", "unwritable checkpoint_root (launch)",
+                 "unwritable checkpoint_root (run)", "report --out on a file", "report before any run",
+                 "--set without =", "--set with a bad YAML value", "--set with a wrong type",
+                 "--set on an empty key path", "cancel --only matching no run", "ui on a store that does not exist"]
+
+
+@pytest.mark.parametrize("case", COMMAND_CASES)
+def test_cli_command_refuses_bad_input(command_results, case):
+    """`study COMMAND` with bad input: exit 2, stderr is one `error:` line naming what is wrong, no traceback"""
+    results, root = command_results
+    fragments, rc, stdout, stderr = results[case]
+    assert rc == 2, (stdout, stderr)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert not (root / "none.db").exists() and not (root / "a_file" ).is_dir()
+
+
+def test_status_on_a_store_that_does_not_exist(store, tmp_path):
+    """`study status` of a grid whose store does not exist: every run missing, exit 0, no store created"""
+    grid = write_grid(tmp_path / "g.yaml", store.spec(tracking={"uri": f"sqlite:///{tmp_path}/none.db"}),
+                      {"seed": [1, 2]})
+    out = subprocess.run([sys.executable, "-m", "study", "status", str(grid)], capture_output=True, text=True,
+                         cwd=tmp_path, env=python_env(), timeout=300)
+    assert out.returncode == 0 and "missing: 2" in out.stdout and not out.stderr.strip(), out
+    assert not (tmp_path / "none.db").exists() and not (tmp_path / "submitit").exists()
+
+
+def test_debug_flag_shows_the_traceback(store, tmp_path):
+    """`study --debug` turns the one-line error back into the traceback"""
+    grid = write_grid(tmp_path / "g.yaml", store.spec(train={"iteratons": 5}), {"seed": [1]})
+    out = subprocess.run([sys.executable, "-m", "study", "--debug", "launch", str(grid)], capture_output=True,
+                         text=True, cwd=tmp_path, env=python_env(), timeout=300)
+    assert out.returncode != 0 and "Traceback" in out.stderr and "train.iteratons: unknown key" in out.stderr

@@ -45,7 +45,7 @@ def check_store(client: MlflowClient, grid_path: Path, tmp_path: Path) -> dict:
     for r in children:
         seed = r.data.tags["study.seed"]
         assert r.info.status == "FINISHED" and r.data.params["seed"] == seed
-        assert r.info.run_name == f"ce/mobilenet_v3_small/texdigits/s{seed}"
+        assert r.info.run_name == f"s{seed}/ce/mobilenet_v3_small/texdigits"  # the varying axis first
         assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
         want: dict[str, list[int]] = {"train/loss": list(range(1, ITERATIONS + 1)),
                                       "train/lr": list(range(1, ITERATIONS + 1))}
