@@ -263,3 +263,50 @@ def test_cuda_matches_cpu(name):
         torch.testing.assert_close(gpu.last_weights.cpu(), cpu.last_weights)
         torch.testing.assert_close(grad_of(b, xg).cpu(), grad_of(a, x), rtol=1e-5, atol=1e-7)
     assert gpu.last_weights.device.type == "cuda"
+
+
+def run_development_ema_reference(batches, c, alpha, compat=False):
+    """The development code's EMA as the issue states it: the first batch's raw ratio (absent classes
+    keep their counter value 1), then w <- alpha*r + (1-alpha)*w for present classes."""
+    w, out = None, []
+    for x, t in batches:
+        fn, gt = ref_counts(x, t)
+        r = ref_released_weights(fn, gt) if compat else ref_paper_weights(fn, gt)
+        if w is None:
+            w = [r[k] if gt[k] > 0 else 1.0 for k in range(c)]
+        else:
+            w = [alpha * r[k] + (1 - alpha) * w[k] if gt[k] > 0 else w[k] for k in range(c)]
+        out.append((ref_loss(x, t, w, None, over_all_pixels=compat, detached=compat), list(w)))
+    return out
+
+
+@pytest.mark.parametrize("alpha,compat", [(0.5, False), (0.2, True)])
+def test_ema_start_first_batch_matches_development_reference(alpha, compat):
+    batches = ema_batches()
+    loss = build_loss("recall", 5, ema=alpha, official_compat=compat, ema_start="first_batch")
+    refs = run_development_ema_reference(batches, 5, alpha, compat)
+    for (x, t), (ref, w) in zip(batches, refs):
+        check(loss(x, t), ref, x, loss, w)
+    # the first batch differs from the default start (ones mixed in)
+    ones = build_loss("recall", 5, ema=alpha, official_compat=compat)
+    ones(*batches[0])
+    assert not torch.allclose(ones.last_weights.float(), torch.tensor(refs[0][1]))
+
+
+def test_ema_start_first_batch_resumes_and_reads_old_checkpoints():
+    batches = ema_batches()
+    loss = build_loss("recall", 5, ema=0.5, ema_start="first_batch")
+    loss(*batches[0])
+    state = loss.state_dict()
+    resumed = build_loss("recall", 5, ema=0.5, ema_start="first_batch")
+    resumed.load_state_dict(state)
+    torch.testing.assert_close(resumed(*batches[1]), loss(*batches[1]), rtol=0, atol=0)
+    old = {k: v for k, v in state.items() if k != "ema_started"}  # written before the option existed
+    from_old = build_loss("recall", 5, ema=0.5, ema_start="first_batch")
+    from_old.load_state_dict(old)
+    assert bool(from_old.ema_started)
+
+
+def test_ema_start_without_ema_is_refused():
+    with pytest.raises(ValueError, match="ema_start"):
+        build_loss("recall", 5, ema_start="first_batch")

@@ -64,7 +64,7 @@ LOSSES: dict[str, Component] = {e.name: e for e in (
     _entry("ohem", OhemCrossEntropy, "online hard example mining CE",
            "probability `thresh` (0.7) with `min_kept`; `official_compat` = released top-k along width"),
     _entry("recall", RecallLoss, "recall loss",
-           "weights FN_c/GT_c of the batch, no gradient; `ema`, `official_compat`", tracks_weights=True),
+           "weights FN_c/GT_c of the batch, no gradient; `ema` (`ema_start` ones or first_batch), `official_compat`", tracks_weights=True),
     _entry("recall_focal", RecallFocalLoss, "focal-modulated recall loss",
            "`gamma` (default 1); `ema`, `official_compat`", tracks_weights=True),
     _entry("abl", ActiveBoundaryLoss, "CE + active boundary loss (Wang et al., AAAI 2022)",

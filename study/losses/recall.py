@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -19,12 +21,13 @@ class RecallLoss(SegLoss):
     for exact ties with the target logit (counted as correct).
 
     ema=alpha: w_c <- alpha * FN_c/GT_c + (1 - alpha) * w_c for classes present in the batch only
-    (the authors' development code's update), starting from w = 1 (plain CE). The development code
-    instead started from the first batch's raw ratio (its counter arithmetic, as under
-    ``official_compat``) and applied the update from the second batch on; here the first batch
-    already mixes its ratio with the initial ones. The weights live in the buffer ``ema_weights``
-    (saved in ``state_dict``) and the updated weights are the ones applied. The buffer is updated
-    only in training mode; in eval mode the would-be update is used but not stored.
+    (the authors' development code's update). ``ema_start`` says where the average starts:
+    ``"ones"`` (default): from w = 1 (plain CE), so the first batch already mixes its ratio with the
+    ones; ``"first_batch"``: as the development code, the first training batch's ratio is taken as
+    is (classes absent from it keep 1) and the update applies from the second batch on. The weights
+    live in the buffer ``ema_weights`` (saved in ``state_dict``, with ``ema_started``) and the updated
+    weights are the ones applied. The buffers are updated only in training mode; in eval mode the
+    would-be update is used but not stored.
 
     official_compat=True: the released arithmetic: per-class counters start at 1 and are overwritten
     by the counts of classes that occur, so w_c = FN_c/GT_c when FN_c > 0, 1/GT_c when FN_c = 0 < GT_c,
@@ -35,14 +38,20 @@ class RecallLoss(SegLoss):
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, ema: float | None = None,
-                 official_compat: bool = False) -> None:
+                 official_compat: bool = False, ema_start: Literal["ones", "first_batch"] = "ones") -> None:
         super().__init__(num_classes, ignore_index)
         if ema is not None and not 0.0 < ema <= 1.0:
             raise ValueError(f"ema must be None or in (0, 1], got {ema!r}")
+        if ema_start not in ("ones", "first_batch"):
+            raise ValueError(f"ema_start must be 'ones' or 'first_batch', got {ema_start!r}")
+        if ema is None and ema_start != "ones":
+            raise ValueError("ema_start: 'first_batch' needs an `ema` factor")
         self.ema = None if ema is None else float(ema)
+        self.ema_start = ema_start
         self.official_compat = bool(official_compat)
         if self.ema is not None:
             self.register_buffer("ema_weights", torch.ones(num_classes))
+            self.register_buffer("ema_started", torch.tensor(ema_start == "ones"))
         self.last_weights: Tensor | None = None
 
     def batch_weights(self, fn: Tensor, gt: Tensor, dtype: torch.dtype) -> Tensor:
@@ -57,10 +66,20 @@ class RecallLoss(SegLoss):
         old = self.ema_weights
         if old.device != fn.device:
             self.ema_weights = old = old.to(fn.device)
-        new = torch.where(gt > 0, self.ema * ratio + (1.0 - self.ema) * old.to(dtype), old.to(dtype))
+            self.ema_started = self.ema_started.to(fn.device)
+        # "first_batch": the first training batch's ratio is taken as is (alpha 1); no host sync
+        alpha = torch.where(self.ema_started, self.ema, 1.0).to(dtype)
+        new = torch.where(gt > 0, alpha * ratio + (1.0 - alpha) * old.to(dtype), old.to(dtype))
         if self.training:
             self.ema_weights.copy_(new.detach())
+            self.ema_started.fill_(True)
         return new
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before ``ema_start`` existed have weights but no flag: they had started
+        if self.ema is not None and prefix + "ema_weights" in state_dict:
+            state_dict.setdefault(prefix + "ema_started", torch.tensor(True))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def pixel_loss(self, nll: Tensor, w_pix: Tensor) -> Tensor:
         """Per-pixel loss before the reduction (``w_pix`` is 0 at ignored pixels)."""
@@ -81,7 +100,8 @@ class RecallLoss(SegLoss):
         return total / torch.where(n_valid > 0, n_valid, 1).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, ema={self.ema}, official_compat={self.official_compat}"
+        return (f"{super().extra_repr()}, ema={self.ema}, ema_start={self.ema_start!r}, "
+                f"official_compat={self.official_compat}")
 
 
 class RecallFocalLoss(RecallLoss):
@@ -101,8 +121,9 @@ class RecallFocalLoss(RecallLoss):
     """
 
     def __init__(self, num_classes: int, ignore_index: int = 255, gamma: float = 1.0,
-                 ema: float | None = None, official_compat: bool = False) -> None:
-        super().__init__(num_classes, ignore_index, ema=ema, official_compat=official_compat)
+                 ema: float | None = None, official_compat: bool = False,
+                 ema_start: Literal["ones", "first_batch"] = "ones") -> None:
+        super().__init__(num_classes, ignore_index, ema=ema, official_compat=official_compat, ema_start=ema_start)
         if not gamma >= 0:
             raise ValueError(f"gamma must be >= 0, got {gamma!r}")
         self.gamma = float(gamma)
