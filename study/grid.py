@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from study.spec import (RunSpec, SpecError, _build, from_dict, loss_label, merge, plain_copy, read_yaml, set_path,
-                        spec_hash, to_dict)
+from study.spec import RunSpec, SpecError, _build, merge, plain_copy, read_yaml, set_path
+from study.spec_cache import SectionCache
 
 
 class GridError(SpecError):
@@ -112,7 +112,9 @@ def _matches(raw: dict, rule: dict) -> bool:
 
 
 def _assign(raw: dict, dotted: str, value: Any) -> dict:
-    """Set ``dotted`` in ``raw`` (in place; ``raw`` is the combination's private copy) and return it.
+    """Set ``dotted`` in ``raw`` and return it. ``raw`` is the combination's own top-level mapping; the
+    mappings below it may be shared with the base and other combinations, so every mapping on the
+    path is copied before it is written (copy on write): untouched sections stay the base's objects.
 
     A mapping merges into the mapping already there; a loss of another name drops the old params.
     """
@@ -126,7 +128,16 @@ def _assign(raw: dict, dotted: str, value: Any) -> dict:
             value = merge(current, value)
     else:
         value = plain_copy(value)
-    set_path(raw, dotted, value)
+    parts = dotted.split(".")
+    if not all(parts):
+        raise SpecError(f"{dotted!r}: not a dotted key path (allowed: e.g. train.iterations)")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        child = dict(child) if isinstance(child, dict) else {}
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
     return raw
 
 
@@ -147,14 +158,6 @@ def _check_rules(where: str, axes: Any, overrides: Any, excludes: Any, claims: A
                         f"(allowed roles: {', '.join(CLAIM_ROLES)})")
 
 
-def _resolved_view(spec: RunSpec) -> dict:
-    """The resolved settings a claims selector is matched against (plus ``loss.label``)."""
-    view = to_dict(spec)
-    view["loss"]["label"] = loss_label(spec)
-    view["loss"].update({f"params.{k}": v for k, v in view["loss"]["params"].items()})
-    return view
-
-
 def _selector_matches(view: dict, rule: dict) -> bool:
     for dotted, accepted in rule.items():
         head, _, rest = dotted.partition(".")
@@ -165,8 +168,8 @@ def _selector_matches(view: dict, rule: dict) -> bool:
     return True
 
 
-def _role(spec: RunSpec, claims: dict) -> str | None:
-    view = _resolved_view(spec)
+def _role(view: dict, claims: dict) -> str | None:
+    """The first claims role whose selector matches the resolved ``view`` (``SectionCache``'s view)."""
     for role, rule in claims.items():
         if _selector_matches(view, rule):
             return role
@@ -180,7 +183,7 @@ def _expand(base: dict, axes: dict, overrides: list, excludes: list, base_resour
     names = list(axes)
     used_overrides, used_excludes = used
     for values in itertools.product(*(axes[n] for n in names)):
-        spec_raw = plain_copy(base)
+        spec_raw = dict(base)  # sections below are copied on write by _assign
         for n, v in zip(names, values):
             spec_raw = _assign(spec_raw, n, v)
         resources_raw = plain_copy(base_resources)
@@ -198,9 +201,9 @@ def _expand(base: dict, axes: dict, overrides: list, excludes: list, base_resour
             yield dict(zip(names, values)), spec_raw, resources_raw
 
 
-def _axis_label(dotted: str, value: Any, spec: RunSpec) -> Any:
+def _axis_label(dotted: str, value: Any, label: str) -> Any:
     if dotted == "loss" or dotted == "loss.name":
-        return loss_label(spec)
+        return label
     if isinstance(value, dict):
         return "/".join(str(v) for v in value.values())
     return value
@@ -247,25 +250,35 @@ def load_grid(path: str | Path) -> Grid:
     runs: list[GridRun] = []
     seen: dict[str, str] = {}
     used: tuple[set, set] = (set(), set())
+    sections = SectionCache()
+    resources_cache: dict[str, Resources] = {}
     combos = _expand(base, axes, overrides, excludes, dataclasses.asdict(base_resources), used)
     for values, spec_raw, resources_raw in combos:
         label = ", ".join(f"{k}={_raw_label(v)}" for k, v in values.items())
         try:
-            spec = from_dict(spec_raw, f"{where} [{label}]")
-            resources = _build(Resources, resources_raw, "resources", f"{where} [{label}]")
+            built = sections.build(spec_raw, f"{where} [{label}]")
+            resources = _resources(resources_cache, resources_raw, f"{where} [{label}]")
         except SpecError as err:
             raise GridError(str(err)) from None
-        h = spec_hash(spec)
+        spec, h = built.spec, built.hash
         if h in seen:
             raise GridError(f"{where}: combinations [{seen[h]}] and [{label}] resolve to the same run (hash {h}); "
                             f"remove one or make them differ")
         seen[h] = label
-        combination = {k: _axis_label(k, v, spec) for k, v in values.items()}
-        runs.append(GridRun(spec, h, combination, resources, _role(spec, claims)))
+        combination = {k: _axis_label(k, v, built.loss_label) for k, v in values.items()}
+        runs.append(GridRun(spec, h, combination, resources, _role(built.view, claims)))
     _refuse_unused(where, overrides, excludes, used)
     if not runs:
         raise GridError(f"{where}: axes: the grid expands to zero runs (check 'axes' and 'exclude')")
     return Grid(name=name, path=path, runs=runs, resources=base_resources, claims=claims)
+
+
+def _resources(cache: dict, raw: dict, where: str) -> Resources:
+    """The job resources of ``raw`` (built once per distinct content; Resources is read-only by use)."""
+    key = repr(sorted(raw.items(), key=lambda kv: kv[0]))
+    if key not in cache:
+        cache[key] = _build(Resources, raw, "resources", where)
+    return cache[key]
 
 
 def _raw_label(value: Any) -> Any:

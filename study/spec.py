@@ -73,6 +73,7 @@ class DataSpec:
     scale_set: list[float] | None = None
     crop_small: Literal["pad", "upscale"] = "pad"
     augment_order: Literal["scale_crop_flip_jitter", "jitter_flip_scale_crop"] = "scale_crop_flip_jitter"
+    jitter_arithmetic: Literal["float", "uint8_steps"] = "float"
     supervision: Literal["full", "scribble"] = "full"
     # owned by the data set entries (resolved there; the defaults of the chosen entry fill them)
     texdigits: dict | None = None
@@ -245,46 +246,84 @@ def _check_tracking(t: TrackingSpec, where: str) -> None:
         raise SpecError(f"{where}: tracking.uri: {t.uri!r} has an unknown scheme (allowed: {', '.join(URI_SCHEMES)})")
 
 
-def _resolve_components(spec: RunSpec, where: str, check_files: bool = True) -> RunSpec:
-    """Resolve the settings of each chosen component through its entry (fills defaults, runs checks).
-
-    ``check_files=False`` (the defaults a signature is a delta from) skips what looks at the disk or at
-    the combination of model settings: the data listing and the model check."""
+def _resolve_data_section(data: DataSpec, where: str, data_name: str, check_files: bool) -> None:
     from study.data import resolve_data
-    from study.losses import LOSSES, check_loss
+
+    try:
+        resolve_data(data, check_files)
+    except SettingError as err:
+        raise spec_error(where, err, "data") from None
+
+
+def _resolve_model_section(model: ModelSpec, where: str, data_name: str, check_files: bool) -> None:
     from study.models import check_model
+
+    if check_files:
+        try:
+            check_model(model)
+        except SettingError as err:
+            raise spec_error(where, err, "model") from None
+
+
+def _resolve_train_section(train: TrainSpec, where: str, data_name: str, check_files: bool) -> None:
     from study.optim import resolve_optimizer, resolve_schedule
 
-    for prefix, fn, arg in (("data", lambda d: resolve_data(d, check_files), spec.data),
-                            ("model", check_model if check_files else (lambda m: None), spec.model),
-                            ("train.optimizer", resolve_optimizer, spec.train.optimizer),
-                            ("train", resolve_schedule, spec.train)):
+    for prefix, fn, arg in (("train.optimizer", resolve_optimizer, train.optimizer), ("train", resolve_schedule, train)):
         try:
             fn(arg)
         except SettingError as err:
             raise spec_error(where, err, prefix) from None
-    entry = LOSSES.get(spec.loss.name)
+    if check_files:
+        _check_train(train, where)
+
+
+def _resolve_loss_section(loss: LossSpec, where: str, data_name: str, check_files: bool) -> None:
+    """Fill the loss's defaults through its entry and run its own check for ``data_name``'s classes."""
+    from study.data import num_classes_of
+    from study.losses import LOSSES, check_loss
+
+    entry = LOSSES.get(loss.name)
     try:
         if entry is None:
-            raise SettingError("name", f"{spec.loss.name!r} is not a known loss", ", ".join(LOSSES))
-        spec.loss.params = entry.resolve(spec.loss.params)
-        from study.data import num_classes_of
-
-        check_loss(spec.loss.name, spec.loss.params, num_classes_of(spec.data.name))
+            raise SettingError("name", f"{loss.name!r} is not a known loss", ", ".join(LOSSES))
+        loss.params = entry.resolve(loss.params)
+        check_loss(loss.name, loss.params, num_classes_of(data_name))
     except SettingError as err:
         if err.key == "name":
             raise spec_error(where, err, "loss") from None
         key = err.key if err.key.startswith("params") else f"params.{err.key}"
         raise spec_error(where, SettingError(key, err.what, err.allowed), "loss") from None
+
+
+def _resolve_tracking_section(tracking: TrackingSpec, where: str, data_name: str, check_files: bool) -> None:
+    if check_files:
+        _check_tracking(tracking, where)
+
+
+#: section -> its resolver ``(section, where, data_name, check_files)``: fills the chosen component's
+#: defaults in place and runs its checks (``check_files=False``, for the defaults a signature is a delta
+#: from, skips what looks at the disk or at the combination of settings). Data comes first: the loss's
+#: check needs the data set's class count.
+SECTION_RESOLVERS = {
+    "data": _resolve_data_section,
+    "model": _resolve_model_section,
+    "train": _resolve_train_section,
+    "loss": _resolve_loss_section,
+    "tracking": _resolve_tracking_section,
+}
+
+
+def _resolve_components(spec: RunSpec, where: str, check_files: bool = True) -> RunSpec:
+    """Resolve every section through :data:`SECTION_RESOLVERS` (in place); returns ``spec``."""
+    for section, resolve in SECTION_RESOLVERS.items():
+        resolve(getattr(spec, section), where, spec.data.name, check_files)
     return spec
 
 
 def validate(spec: RunSpec, where: str = "<spec>") -> RunSpec:
     """Resolve every component's settings and check the harness-wide rules; returns ``spec``."""
     _resolve_components(spec, where)
-    _check_train(spec.train, where)
     _check_seed(spec.seed, where)
-    _check_tracking(spec.tracking, where)
     return spec
 
 
@@ -459,24 +498,49 @@ def _defaults_for(choice: tuple) -> dict:
     return to_dict(_resolve_components(spec, "<defaults>", check_files=False))
 
 
-def signature(spec: RunSpec) -> dict:
-    """The run's settings that differ from the defaults of its chosen components, identity fields only."""
-    choice = (spec.data.name, spec.loss.name, spec.train.optimizer.name, spec.train.schedule, spec.model.arch)
-    values, defaults = to_dict(spec), plain_copy(_defaults_for(choice))
-    for dotted in NON_IDENTITY_FIELDS:
-        _drop(values, dotted)
-        _drop(defaults, dotted)
-    delta = _delta(values, defaults) or {}
-    from study.losses import LOSSES
+#: The sections whose settings make a run's identity (``tracking`` only says where things are kept).
+IDENTITY_SECTIONS = ("data", "model", "loss", "train")
+_NAME_KEYS = {"data": "name", "loss": "name", "model": "arch", "train": "schedule"}
+DEFAULT_SEED = 1337
 
-    for key in LOSSES[spec.loss.name].extra.get("non_identity", ()):
-        delta.get("loss", {}).get("params", {}).pop(key, None)
-    if "loss" in delta and not delta["loss"].get("params", True):
-        delta["loss"].pop("params")
-    for section, key in (("data", "name"), ("loss", "name"), ("model", "arch"), ("train", "schedule")):
-        delta.setdefault(section, {})[key] = values[section][key]
-    delta["train"].setdefault("optimizer", {})["name"] = spec.train.optimizer.name
+
+def choice_of(spec: RunSpec) -> tuple:
+    """The chosen components: what the defaults a signature is a delta from depend on."""
+    return spec.data.name, spec.loss.name, spec.train.optimizer.name, spec.train.schedule, spec.model.arch
+
+
+def section_signature(section: str, values: dict, choice: tuple) -> dict:
+    """One identity section's share of the signature: its settings (``values``, resolved, as plain
+    data; not modified) that differ from the defaults of ``choice``, identity fields only, plus the
+    name of the chosen component."""
+    values, defaults = plain_copy(values), plain_copy(_defaults_for(choice)[section])
+    for dotted in NON_IDENTITY_FIELDS:
+        head, _, rest = dotted.partition(".")
+        if head == section and rest:
+            _drop(values, rest)
+            _drop(defaults, rest)
+    delta = _delta(values, defaults) or {}
+    if section == "loss":
+        from study.losses import LOSSES
+
+        for key in LOSSES[values["name"]].extra.get("non_identity", ()):
+            delta.get("params", {}).pop(key, None)
+        if not delta.get("params", True):
+            delta.pop("params")
+    delta[_NAME_KEYS[section]] = values[_NAME_KEYS[section]]
+    if section == "train":
+        delta.setdefault("optimizer", {})["name"] = values["optimizer"]["name"]
     return delta
+
+
+def signature(spec: RunSpec) -> dict:
+    """The run's settings that differ from the defaults of its chosen components, identity fields only
+    (the seed when it is not the default)."""
+    choice = choice_of(spec)
+    out: dict[str, Any] = {s: section_signature(s, to_dict(getattr(spec, s)), choice) for s in IDENTITY_SECTIONS}
+    if spec.seed != DEFAULT_SEED:
+        out["seed"] = spec.seed
+    return out
 
 
 def canonical(spec: RunSpec) -> dict:
@@ -491,7 +555,12 @@ def canonical(spec: RunSpec) -> dict:
 
 def spec_hash(spec: RunSpec) -> str:
     """Stable 16-hex-digit identity of a run: sha256 of the canonical JSON."""
-    text = json.dumps(canonical(spec), sort_keys=True, separators=(",", ":"))
+    return hash_of(canonical(spec))
+
+
+def hash_of(canonical_form: dict) -> str:
+    """sha256 of a canonical form's JSON (sorted keys, no spaces), first 16 hex digits."""
+    text = json.dumps(canonical_form, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -236,3 +236,33 @@ def test_augment_order(order, steps):
 def test_invalid_switches(kw, msg):
     with pytest.raises(ValueError, match=msg):
         ident(**kw)
+
+
+@pytest.mark.parametrize("bgr", [False, True])
+def test_uint8_steps_jitter_equals_pil_image_enhance(bgr):
+    """The released pipeline calls PIL's ImageEnhance Brightness -> Contrast -> Color; PIL is the oracle."""
+    from PIL import Image, ImageEnhance
+
+    from study.data.transforms import _uniform
+
+    rng = np.random.default_rng(3)
+    saturating = 0
+    for seed in range(40):
+        rgb = rng.integers(0, 256, (23, 31, 3), dtype=np.uint8)
+        rgb[:4] = rng.integers(200, 256, (4, 31, 3), dtype=np.uint8)  # a bright band that saturates
+        fed = rgb[..., ::-1].copy() if bgr else rgb
+        out = color_jitter(fed, 0.5, torch.Generator().manual_seed(seed), bgr=bgr, arithmetic="uint8_steps")
+        draw = torch.Generator().manual_seed(seed)
+        b, c, t = (_uniform(draw, 0.5, 1.5) for _ in range(3))
+        im = ImageEnhance.Brightness(Image.fromarray(rgb)).enhance(b)
+        im = ImageEnhance.Contrast(im).enhance(c)
+        expected = np.asarray(ImageEnhance.Color(im).enhance(t))
+        np.testing.assert_array_equal(out[..., ::-1] if bgr else out, expected)
+        floated = color_jitter(fed, 0.5, torch.Generator().manual_seed(seed), bgr=bgr)
+        saturating += not np.array_equal(floated, out)
+    assert saturating > 20  # the float arithmetic (the default) differs: the switch matters
+
+
+def test_jitter_arithmetic_is_validated():
+    with pytest.raises(ValueError, match=r"jitter_arithmetic: 'pil' is not allowed \(allowed: \['float', 'uint8_steps'\]\)"):
+        ident(jitter_arithmetic="pil")

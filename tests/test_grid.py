@@ -131,3 +131,49 @@ def test_shipped_grids_expand(name, tmp_path, monkeypatch):
     _paper_data(tmp_path, monkeypatch)
     grid = load_grid(grids / name)
     assert len(grid.runs) >= 3
+
+
+SPELLINGS = {
+    "name": "spellings",
+    "base": {"data": {"name": "texdigits", "texdigits": {"num_train": 40, "height": 32, "width": 32}},
+             "train": {"iterations": 10, "optimizer": {"name": "sgd", "lr": 0.01}}, "seed": 4},
+    "axes": {"loss": ["ce", {"name": "focal", "params": {"gamma": 3}}, {"name": "recall", "params": {"ema": 0.5}},
+                      {"name": "recall", "params": {"official_compat": True}}],
+             "train.optimizer.lr": [0.01, 1.0e-3], "model.backbone": ["resnet18", "paper_resnet18"],
+             "seed": [1, 1337]},
+    "overrides": [{"when": {"loss.name": "focal"}, "set": {"train.optimizer.momentum": 0.5, "data.hflip": True}}],
+    "exclude": [{"model.backbone": "paper_resnet18", "train.optimizer.lr": 0.01}],
+    "claims": {"recall": {"loss.name": "recall", "loss.params.official_compat": True}},
+}
+
+
+@pytest.mark.parametrize("name", ["spellings", "demo.yaml", "paper_synthia.yaml", "paper_cityscapes.yaml",
+                                  "recall_ablation.yaml", "related_losses.yaml", "figure1_texdigits.yaml",
+                                  "released_switches.yaml", "weak_scribble.yaml"])
+def test_grid_specs_equal_the_one_spec_path(name, tmp_path, monkeypatch):
+    """load_grid builds each distinct section once (study.spec_cache); every run must equal what
+    from_dict + spec_hash give for its combination on their own, and own its objects."""
+    from pathlib import Path
+
+    from study.grid import _expand, _role
+    from study.spec import from_dict, loss_label, plain_copy, read_yaml, spec_hash, to_dict
+    from study.spec_cache import _view
+
+    _paper_data(tmp_path, monkeypatch)
+    path = write(tmp_path, SPELLINGS) if name == "spellings" else Path(__file__).resolve().parent.parent / "grids" / name
+    grid = load_grid(path)
+    raw = read_yaml(path)
+    combos = list(_expand(raw.get("base") or {}, raw["axes"], raw.get("overrides") or [], raw.get("exclude") or [],
+                          {}, (set(), set())))
+    assert len(combos) == len(grid.runs)
+    for run, (_, spec_raw, _) in zip(grid.runs, combos):
+        ref = from_dict(plain_copy(spec_raw), "reference")
+        assert to_dict(run.spec) == to_dict(ref)
+        assert run.hash == spec_hash(ref)
+        assert run.role == _role(_view(to_dict(ref), loss_label(ref)), grid.claims)
+    first, second = grid.runs[0].spec, grid.runs[1].spec
+    assert first.data is not second.data and first.train.optimizer is not second.train.optimizer
+    assert first.loss.params is not second.loss.params or first.loss is not second.loss
+    if name == "spellings":
+        assert {r.role for r in grid.runs} == {"recall", "ce", None}
+        assert len(grid.runs) == 24

@@ -86,7 +86,7 @@ def test_unsafe_yaml_tags_are_refused(tmp_path):
 def test_overrides_are_typed_and_validated(tmp_path):
     path = write(tmp_path, {"train": {"iterations": 5}})
     spec = load_spec(path, ["train.iterations=7", "loss.name=recall", "loss.params.ema=0.5"])
-    assert spec.train.iterations == 7 and spec.loss.name == "recall" and spec.loss.params == {"ema": 0.5, "official_compat": False}
+    assert spec.train.iterations == 7 and spec.loss.name == "recall" and spec.loss.params == {"ema": 0.5, "official_compat": False, "ema_start": "ones"}
     with pytest.raises(SpecError, match="train.iterations"):
         load_spec(path, ["train.iterations=abc"])
 

@@ -139,7 +139,8 @@ def build_datasets(data, seed: int) -> DataBundle:
                        color_jitter=float(_opt(data, "color_jitter", 0.0)),
                        scale_set=tuple(_opt(data, "scale_set", None) or ()) or None,
                        crop_small=_opt(data, "crop_small", "pad"),
-                       augment_order=_opt(data, "augment_order", "scale_crop_flip_jitter"))
+                       augment_order=_opt(data, "augment_order", "scale_crop_flip_jitter"),
+                       jitter_arithmetic=_opt(data, "jitter_arithmetic", "float"))
     C = len(class_names)
     sets = {s: SegmentationDataset(samples[s], decoder, train_tf if s == "train" else eval_tf, s, C)
             for s in SPLITS}

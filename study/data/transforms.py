@@ -9,7 +9,8 @@ Order applied by :class:`SegTransform` for training: resize -> random scale -> r
 with 0 / ignore) -> horizontal flip -> colour jitter -> normalise (``augment_order=
 "scale_crop_flip_jitter"``, the default), or, as the released Cityscapes pipeline, resize -> colour
 jitter -> flip -> random scale -> random crop -> normalise (``"jitter_flip_scale_crop"``).
-The scale factor is drawn from the range ``scale`` (uniform) or from the list ``scale_set`` (one
+The colour jitter computes in float (default) or, as released, in PIL's 8-bit steps
+(``jitter_arithmetic="uint8_steps"``). The scale factor is drawn from the range ``scale`` (uniform) or from the list ``scale_set`` (one
 entry, uniformly; the released Cityscapes set is 0.75, 1, 1.25, 1.5, 1.75, 2). A crop larger than
 the image pads it (``crop_small="pad"``) or, as released, first upscales it (``"upscale"``).
 Evaluation: resize -> normalise.
@@ -107,14 +108,20 @@ def random_hflip(image: np.ndarray, label: np.ndarray, gen: torch.Generator | No
 
 
 def color_jitter(image: np.ndarray, strength: float, gen: torch.Generator | None,
-                 bgr: bool = True) -> np.ndarray:
+                 bgr: bool = True, arithmetic: str = "float") -> np.ndarray:
     """Brightness, contrast and saturation factors each ~ U(max(0, 1 - s), 1 + s), applied in that order.
 
-    brightness: x * b; contrast: (x - mean(grey)) * c + mean(grey); saturation: (x - grey) * t + grey,
-    with grey = 0.299 R + 0.587 G + 0.114 B. Result clipped to 0..255 and returned as uint8.
+    ``arithmetic="float"`` (this project's default): brightness x * b; contrast
+    (x - mean(grey)) * c + mean(grey); saturation (x - grey) * t + grey, with grey = 0.299 R + 0.587 G +
+    0.114 B, all in float; the result is clipped to 0..255 once and rounded half up to uint8.
+
+    ``arithmetic="uint8_steps"``: the released pipeline's PIL ``ImageEnhance`` steps, each returning an
+    8-bit image, see :func:`_uint8_steps`. They differ where a step saturates (bright skies).
     """
     lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
     b, c, t = (_uniform(gen, lo, hi) for _ in range(3))
+    if arithmetic == "uint8_steps":
+        return _uint8_steps(image, b, c, t, bgr)
     x = image.astype(np.float32) * b
     weights = np.array([0.114, 0.587, 0.299] if bgr else [0.299, 0.587, 0.114], np.float32)
     grey = x @ weights
@@ -122,6 +129,32 @@ def color_jitter(image: np.ndarray, strength: float, gen: torch.Generator | None
     grey = x @ weights
     x = (x - grey[..., None]) * t + grey[..., None]
     return np.clip(x + 0.5, 0, 255).astype(np.uint8)  # round half up
+
+
+JITTER_ARITHMETIC = ("float", "uint8_steps")
+
+
+def _blend_uint8(base: np.ndarray, image: np.ndarray, factor: float) -> np.ndarray:
+    """PIL's 8-bit blend: base + f * (image - base) in float32, clipped to 0..255, truncated to uint8."""
+    b = base.astype(np.float32)
+    out = b + np.float32(factor) * (image.astype(np.float32) - b)
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def _grey_uint8(image: np.ndarray, bgr: bool) -> np.ndarray:
+    """PIL's RGB -> L conversion: (19595 R + 38470 G + 7471 B + 2^15) >> 16 (ITU-R 601-2 in 16-bit fixed point)."""
+    r, g, b = (image[..., i].astype(np.int32) for i in ((2, 1, 0) if bgr else (0, 1, 2)))
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
+
+
+def _uint8_steps(image: np.ndarray, b: float, c: float, t: float, bgr: bool) -> np.ndarray:
+    """PIL's ``ImageEnhance.Brightness(b)`` -> ``Contrast(c)`` -> ``Color(t)`` on a uint8 image: each a
+    :func:`_blend_uint8` of the image with a degenerate one: black; the grey image's mean rounded to an
+    integer (``int(mean + 0.5)``); the per-pixel grey (:func:`_grey_uint8`)."""
+    x = _blend_uint8(np.zeros_like(image), image, b)
+    mean = int(_grey_uint8(x, bgr).mean() + 0.5)
+    x = _blend_uint8(np.full_like(x, mean), x, c)
+    return _blend_uint8(np.repeat(_grey_uint8(x, bgr)[..., None], 3, axis=-1), x, t)
 
 
 def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -157,6 +190,7 @@ class SegTransform:
     scale_set: tuple[float, ...] | None = None
     crop_small: Literal["pad", "upscale"] = "pad"
     augment_order: Literal["scale_crop_flip_jitter", "jitter_flip_scale_crop"] = "scale_crop_flip_jitter"
+    jitter_arithmetic: Literal["float", "uint8_steps"] = "float"
 
     def __post_init__(self) -> None:
         if self.scale is not None and self.scale_set is not None:
@@ -170,6 +204,9 @@ class SegTransform:
             raise ValueError(f"crop_small: {self.crop_small!r} is not allowed (allowed: {list(CROP_SMALL)})")
         if self.augment_order not in AUGMENT_ORDERS:
             raise ValueError(f"augment_order: {self.augment_order!r} is not allowed (allowed: {list(AUGMENT_ORDERS)})")
+        if self.jitter_arithmetic not in JITTER_ARITHMETIC:
+            raise ValueError(f"jitter_arithmetic: {self.jitter_arithmetic!r} is not allowed "
+                             f"(allowed: {list(JITTER_ARITHMETIC)})")
 
     def resize_label(self, label: np.ndarray) -> np.ndarray:
         """The deterministic part applied to a label (used for class counting)."""
@@ -189,11 +226,11 @@ class SegTransform:
     def _flip_and_jitter(self, image: np.ndarray, label: np.ndarray, gen: torch.Generator | None,
                          jitter_first: bool) -> tuple[np.ndarray, np.ndarray]:
         if jitter_first and self.color_jitter > 0:
-            image = color_jitter(image, self.color_jitter, gen, bgr=self.bgr)
+            image = color_jitter(image, self.color_jitter, gen, bgr=self.bgr, arithmetic=self.jitter_arithmetic)
         if self.hflip:
             image, label = random_hflip(image, label, gen)
         if not jitter_first and self.color_jitter > 0:
-            image = color_jitter(image, self.color_jitter, gen, bgr=self.bgr)
+            image = color_jitter(image, self.color_jitter, gen, bgr=self.bgr, arithmetic=self.jitter_arithmetic)
         return image, label
 
     def augment(self, image: np.ndarray, label: np.ndarray, gen: torch.Generator | None
