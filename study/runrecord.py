@@ -83,9 +83,28 @@ def reopen(uri: str, run_id: str) -> tracking.RunLogger:
 
 
 def commit(logger: tracking.RunLogger, iteration: int) -> None:
-    """Write the buffered metrics and the iteration reached (called at each checkpoint)."""
+    """Write the buffered metrics and the iteration reached (called right after each checkpoint, which
+    holds the same metrics: see :func:`finish_interrupted_commit`)."""
     logger.flush()
     logger.set_tags({"study.iteration": iteration})
+
+
+def finish_interrupted_commit(logger: tracking.RunLogger, state: dict) -> int:
+    """Complete the commit a kill may have cut short; returns the number of metrics written.
+
+    A checkpoint of iteration k holds the metrics buffered since the previous one (``state["commit"]``)
+    and is saved before they are written; ``study.iteration`` = k is set after. If the tag is below k,
+    the process died between the save and the end of the write: the rows the store lacks (by key and
+    step) are written now. So every step up to the checkpoint is logged exactly once, and the steps
+    after it are logged by the resumed run."""
+    rows = state.get("commit") or []
+    iteration = int(state.get("iteration", 0))
+    done = logger.client.get_run(logger.run_id).data.tags.get("study.iteration")
+    if not rows or (done is not None and done.isdigit() and int(done) >= iteration):
+        return 0
+    written = logger.log_missing(rows)
+    logger.set_tags({"study.iteration": iteration})
+    return written
 
 
 def fail(logger: tracking.RunLogger, reason: str, iteration: int) -> None:

@@ -204,6 +204,21 @@ class RunLogger:
         ts = int(time.time() * 1000)
         self._pending.extend(Metric(k, float(v), ts, int(step)) for k, v in metrics.items())
 
+    def pending_rows(self) -> list[tuple[str, float, int, int]]:
+        """The queued metrics as plain ``(key, value, timestamp, step)`` rows (kept in a checkpoint)."""
+        return [(m.key, m.value, m.timestamp, m.step) for m in self._pending]
+
+    def log_missing(self, rows: list) -> int:
+        """Write the ``(key, value, timestamp, step)`` rows whose (key, step) the run does not hold yet;
+        returns how many were written (one metric-history read per distinct key)."""
+        logged = {key: {m.step for m in self._retry(lambda: self.client.get_metric_history(self.run_id, key))}
+                  for key in {row[0] for row in rows}}
+        missing = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in rows if int(step) not in logged[k]]
+        for i in range(0, len(missing), MAX_METRICS_PER_BATCH):
+            chunk = missing[i:i + MAX_METRICS_PER_BATCH]
+            self._retry(lambda: self.client.log_batch(self.run_id, metrics=chunk))
+        return len(missing)
+
     def discard_pending(self) -> None:
         """Drop queued metrics (those logged after the last checkpoint of an interrupted run)."""
         self._pending = []

@@ -331,7 +331,7 @@ class Loop:
         ckpt.save({"model": _plain(p.model).state_dict(), "optimizer": p.optimizer.state_dict(),
                    "scheduler": p.scheduler.state_dict(), "loss": p.loss_fn.state_dict(), "rng": rng_state(),
                    "iteration": self.it, "best_miou": p.best_miou, "best_iteration": p.best_it,
-                   "run_id": self.logger.run_id, "spec_hash": self.h},
+                   "run_id": self.logger.run_id, "spec_hash": self.h, "commit": self.logger.pending_rows()},
                   p.folder / "last.pt", keep_previous=True)
         runrecord.commit(self.logger, self.it)
         self.checkpointed = self.it
@@ -401,6 +401,7 @@ def _open_record(spec, h, parts: Parts, uri, experiment_id, parent_run_id, grid,
     """Reopen the checkpoint's run, or start a new one (closing runs whose checkpoints were unusable)."""
     if _resumed(parts, h):
         logger = runrecord.reopen(uri, parts.state["run_id"])
+        runrecord.finish_interrupted_commit(logger, parts.state)
     else:
         counts = [int(c) for c in parts.bundle.class_counts]
         logger = runrecord.start(spec, h, uri, experiment_id, parent_run_id, grid, axes, parts.class_names, counts)

@@ -263,3 +263,57 @@ def test_crash_at_every_step_of_checkpoint_rotation(tmp_path, monkeypatch, recor
             assert state["iteration"] == 3 and not notes
             break
     record_property("detail", f"iteration recovered after a crash at file operation 1..{len(recovered)}: {recovered}")
+
+
+_DIE_IN_COMMIT = """
+import os, sys, json
+from study import runrecord, tracking
+from study.spec import from_dict
+from study.train import train
+
+raw, die_at, part = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+real_flush = tracking.RunLogger.flush
+
+def commit(logger, iteration):
+    if iteration == die_at:  # last.pt of this iteration is on disk; its metrics are not (all) written
+        if part == "half":  # the rows are in logging order: loss 4, lr 4, loss 5, lr 5, ...
+            logger._pending = logger._pending[:3]
+            real_flush(logger)
+        os._exit(9)
+    real_flush(logger)
+    logger.set_tags({"study.iteration": iteration})
+
+runrecord.commit = commit
+train(from_dict(raw), progress=False)
+"""
+
+
+@pytest.mark.parametrize("part", ["none", "half"])
+def test_death_between_checkpoint_and_metric_write_logs_every_step_once(tmp_path, small, part):
+    """The process dies after last.pt of iteration 6 is saved and before (or half-way through) writing
+    that checkpoint's metrics: the resumed run completes the write; every step 1..n is logged once."""
+    import subprocess
+    import sys
+
+    n, die_at = 12, 6
+    raw = small(train={"iterations": n, "eval_interval": 6, "log_interval": 1, "checkpoint_interval": 3})
+    raw["seed"] = 3
+    proc = subprocess.run([sys.executable, "-c", _DIE_IN_COMMIT, json.dumps(raw), str(die_at), part],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    spec = from_dict(copy.deepcopy(raw))
+    assert checkpoint_iteration(checkpoint_dir(spec)) == die_at
+    client = client_of(tmp_path)
+    (dead,) = spec_runs(experiment_runs(client))
+    loss_before, lr_before = (steps_of(client, dead.info.run_id, k) for k in ("train/loss", "train/lr"))
+    if part == "none":
+        assert loss_before == lr_before == [1, 2, 3]
+    else:  # the write was cut after three rows
+        assert (loss_before, lr_before) == ([1, 2, 3, 4, 5], [1, 2, 3, 4])
+    assert dead.data.tags["study.iteration"] == "3"
+
+    result = train(spec, progress=False)
+    assert result.run_id == dead.info.run_id and result.resumed
+    for key in ("train/loss", "train/lr"):
+        assert steps_of(client, result.run_id, key) == list(range(1, n + 1)), key
+    assert steps_of(client, result.run_id, "val/miou") == [6, 12]
