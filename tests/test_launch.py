@@ -221,6 +221,39 @@ def test_slurm_preemption_requeues_and_continues_same_run(slurm_cluster, tmp_pat
     assert launch(path, executor="slurm", folder_root=tmp_path / "submitit", log=quiet)["submitted"] == []
 
 
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_slurm_packed_runs_are_preempted_together_and_both_resume(slurm_cluster, tmp_path, tiny):
+    """resources.runs_per_gpu: 2 on Slurm: one job trains two runs; a preemption (USR2 to the job, sent by
+    the test once both runs have a checkpoint) requeues it and both runs continue in their own MLflow runs."""
+    iterations = 80
+    path = grid_file(tmp_path, tiny, {"seed": [1, 2]},
+                     train={"iterations": iterations, "eval_interval": iterations, "checkpoint_interval": 5,
+                            "log_interval": 5},
+                     resources={"cpus": 2, "mem_gb": 2, "timeout_min": 60, "partition": slurm_cluster.partition,
+                                "runs_per_gpu": 2, "slurm": {"max_num_timeout": 0}})
+    summary = launch(path, executor="slurm", wait=False, folder_root=tmp_path / "submitit", log=quiet)
+    (job_id,) = set(summary["job_ids"].values())  # one job holds both runs
+    folders = [checkpoint_dir(r.spec) for r in load_grid(path).runs]
+    wait_until(lambda: [checkpoint_iteration(f) for f in folders], lambda its: all(its), 600,
+               f"a checkpoint of both runs of job {job_id}")
+    slurm.cancel([job_id], signal="USR2")
+    state = wait_until(lambda: slurm.job_states([job_id]).get(job_id), lambda s: s in ENDED, 900, f"job {job_id}")
+    logs = "".join(p.read_text() for p in (tmp_path / "submitit").rglob("*_log.*"))
+    assert state == "COMPLETED", (state, logs[-3000:], slurm_cluster.logs())
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True).stdout
+    assert "Restarts=1" in out, out
+
+    client, runs = runs_of(tmp_path)
+    children = [r for r in runs if "study.spec_hash" in r.data.tags]
+    assert len(children) == 2, "each run must continue in its own MLflow run"
+    for run in children:
+        assert run.info.status == "FINISHED" and run.data.tags["study.iteration"] == str(iterations)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        assert sorted(steps) == list(range(1, iterations + 1))  # each step logged exactly once
+    assert launch(path, executor="slurm", folder_root=tmp_path / "submitit", log=quiet)["submitted"] == []
+
+
 def test_cli_slurm_without_sbatch_is_one_clear_error(tmp_path, tiny, monkeypatch, capsys):
     from study.cli import main
 
