@@ -131,6 +131,9 @@ def test_shipped_grids_expand(name, tmp_path, monkeypatch):
     _paper_data(tmp_path, monkeypatch)
     grid = load_grid(grids / name)
     assert len(grid.runs) >= 3
+    if name.startswith("paper_"):  # one loss variant is "the recall loss" of the claims: the released one
+        assert {r.combination["loss"] for r in grid.runs if r.role == "recall"} == {"recall(official_compat=True)"}
+        assert "recall(ema=0.5,ema_start=first_batch,official_compat=True)" in {r.combination["loss"] for r in grid.runs}
 
 
 SPELLINGS = {
