@@ -80,14 +80,7 @@ def queue_states(job_ids: list[str]) -> dict[str, str]:
     One ``squeue -h -t all -o %i|%T -j IDS`` call; {} when squeue is absent or the controller does not
     answer. squeue exits 1 when the only id asked for is unknown: that is an empty answer, not an error.
     """
-    ids = check_job_ids(job_ids)
-    if not ids:
-        return {}
-    done = _run(["squeue", "-h", "-t", "all", "-o", "%i|%T", "-j", ",".join(ids)])
-    if done is None or done.returncode != 0:
-        return {}
-    found = parse_states(done.stdout)
-    return {j: found[j] for j in ids if j in found}
+    return _states_from(["squeue", "-h", "-t", "all", "-o", "%i|%T", "-j"], job_ids)
 
 
 def accounting_states(job_ids: list[str]) -> dict[str, str]:
@@ -96,10 +89,15 @@ def accounting_states(job_ids: list[str]) -> dict[str, str]:
     One ``sacct -X -n -P -o JobID,State -j IDS`` call (-X: the allocation, not its steps; without -D
     a requeued job shows its last attempt). {} when sacct is absent or accounting is disabled.
     """
+    return _states_from(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j"], job_ids)
+
+
+def _states_from(command: list[str], job_ids: list[str]) -> dict[str, str]:
+    """``command`` + the comma-joined ids, its ``id|STATE`` lines parsed; {} when it cannot answer."""
     ids = check_job_ids(job_ids)
     if not ids:
         return {}
-    done = _run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", ",".join(ids)])
+    done = _run([*command, ",".join(ids)])
     if done is None or done.returncode != 0:
         return {}
     found = parse_states(done.stdout)
