@@ -129,24 +129,6 @@ def test_local_executor_respects_cap_and_logs_everything(tmp_path, tiny):
     assert (folder / "latest").exists()
 
 
-@pytest.mark.slow
-def test_eight_concurrent_jobs_lose_nothing(tmp_path, tiny):
-    path = grid_file(tmp_path, tiny, {"seed": list(range(8))},
-                     train={"iterations": 6, "eval_interval": 3, "log_interval": 1},
-                     data={"texdigits": {"num_train": 8, "num_val": 2, "num_test": 2, "height": 32, "width": 48}})
-    summary = launch(path, executor="local", max_parallel=8, folder_root=tmp_path / "submitit", log=quiet)
-    assert not summary["failed"]
-    client, runs = runs_of(tmp_path)
-    children = [r for r in runs if "study.spec_hash" in r.data.tags]
-    assert len(children) == 8
-    default = client.get_experiment_by_name("Default")
-    assert default is None or client.search_runs([default.experiment_id]) == []  # nothing misfiled
-    for r in children:
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")] == [1, 2, 3, 4, 5, 6]
-        assert [m.step for m in client.get_metric_history(r.info.run_id, "val/miou")] == [3, 6]
-        assert len([k for k in r.data.metrics if k.startswith("test/")]) > 20
-
-
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_slurm_array_runs_grid(slurm_cluster, tmp_path, tiny):
