@@ -26,10 +26,11 @@ import torch
 
 __all__ = ["ConfusionMatrix"]
 
-# Pixels per counting step on CPU. Every array of a step (two int64 input slices, two int16 index
-# buffers) stays in L2, and a torch op of this size stays single-threaded (torch splits work only
-# above its 32768-element grain), so the counting threads below never nest torch's own thread pool.
-_CPU_CHUNK = 1 << 15
+# Pixels per counting step on CPU (~8 numpy/torch calls each). Large enough that the counting threads
+# seldom hand the GIL over (at 2^15 two threads were no faster than one: 3.0 vs 2.9 ns/px), small
+# enough for the step's int16 buffers to stay in cache. Measured on 512x1024 maps, batches of 5
+# (benchmarks/README.md): 2^18 gives 2.7x the read-both-maps floor with 1 and with 2 threads.
+_CPU_CHUNK = 1 << 18
 _MAX_INDEX_BINS = 1 << 16  # fast CPU path only when the index t*C + p fits int32 bins of this count
 
 
