@@ -46,7 +46,7 @@ class SectionCache:
     def __init__(self) -> None:
         self._sections: dict[tuple, tuple[Any, dict]] = {}
         self._signatures: dict[tuple, dict] = {}
-        self._fingerprints: dict[str, str] = {}
+        self._fingerprints: dict[tuple, str] = {}
         self._loss_views: dict[tuple, tuple[str, dict]] = {}
 
     def build(self, raw: Any, where: str) -> BuiltSpec:
