@@ -128,16 +128,7 @@ def _assign(raw: dict, dotted: str, value: Any) -> dict:
             value = merge(current, value)
     else:
         value = plain_copy(value)
-    parts = dotted.split(".")
-    if not all(parts):
-        raise SpecError(f"{dotted!r}: not a dotted key path (allowed: e.g. train.iterations)")
-    node = raw
-    for part in parts[:-1]:
-        child = node.get(part)
-        child = dict(child) if isinstance(child, dict) else {}
-        node[part] = child
-        node = child
-    node[parts[-1]] = value
+    set_path(raw, dotted, value, "grid", copy_on_write=True)
     return raw
 
 

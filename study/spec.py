@@ -350,16 +350,22 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
-def set_path(raw: dict, dotted: str, value: Any, where: str = "--set") -> None:
-    """Set ``raw[a][b][c] = value`` for ``dotted = 'a.b.c'``, creating mappings as needed."""
+def set_path(raw: dict, dotted: str, value: Any, where: str = "--set", copy_on_write: bool = False) -> None:
+    """Set ``raw[a][b][c] = value`` for ``dotted = 'a.b.c'``, creating mappings as needed.
+
+    ``copy_on_write``: each mapping on the path is replaced by a copy before it is written, so mappings
+    that ``raw`` shares with other data (a grid's base) are never changed."""
     parts = dotted.split(".")
     if not all(parts):
         raise SpecError(f"{where}: {dotted!r}: not a dotted key path (allowed: e.g. train.iterations)")
     node = raw
     for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
             raise SpecError(f"{where}: {dotted}: '{part}' is not a mapping")
+        if copy_on_write:
+            child = node[part] = dict(child)
+        node = child
     node[parts[-1]] = value
 
 
